@@ -1,0 +1,63 @@
+"""Command-line config handling shared by the entry points.
+
+`--config=configs/NAME.py[:arg]` plus `--config.key=value` overrides (ml_collections config
+flags, locked so that a typo is an error). Any problem with them ends the program with one
+line naming the problem and the valid choices, not a traceback.
+"""
+
+import importlib.util
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_dict, config_flags
+
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, `configs/NAME.py[:arg]`; override fields with --config.key=value.",
+    lock_config=True)
+
+
+def _flat_keys(config, prefix: str = "") -> list[str]:
+  keys = []
+  for key, value in config.items():
+    if isinstance(value, config_dict.ConfigDict):
+      keys += _flat_keys(value, f"{prefix}{key}.")
+    else:
+      keys.append(prefix + key)
+  return keys
+
+
+def _load(spec: str):
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _override_error(argv: list[str], error: Exception) -> str:
+  """The one-line message for a bad `--config...` flag."""
+  specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  if not specs:
+    return "--config=configs/NAME.py is required."
+  spec = specs[-1]
+  if not os.path.exists(spec.partition(":")[0]):
+    return f"Config file {spec.partition(':')[0]!r} not found."
+  keys = _flat_keys(_load(spec))
+  for a in argv:
+    if a.startswith("--config.") and "=" in a:
+      key = a[len("--config."):].split("=", 1)[0]
+      if key not in keys:
+        return f"Unknown config key {key!r}; valid: {', '.join(keys)}."
+  return f"Bad config flag: {str(error).splitlines()[0].strip(chr(39) + chr(34))}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """An absl `flags_parser`: parses argv, exiting with one line on a bad config."""
+  try:
+    argv = flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(f"error: {_override_error(argv, e)}")
+  if CONFIG.value is None or not isinstance(CONFIG.value, config_dict.ConfigDict):
+    sys.exit(f"error: {_override_error(argv, ValueError('could not load the config'))}")
+  return argv

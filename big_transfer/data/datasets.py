@@ -1,0 +1,66 @@
+"""Dataset resolution: TFDS names, the embedded digits and (later) image folders.
+
+Everything the trainer needs to know about a dataset (class count, label kind, split sizes)
+comes from here, read from the TFDS metadata rather than from a hand-kept size table.
+"""
+
+import dataclasses
+import difflib
+import os
+
+import tensorflow_datasets as tfds
+
+from big_transfer.data import digits
+from big_transfer.errors import UserError
+
+# Datasets that ship inside an installed package and are prepared on first use.
+EMBEDDED = {"sklearn_digits": digits.SklearnDigits}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  name: str
+  builder: tfds.core.DatasetBuilder
+  num_classes: int
+  multi_label: bool  # `labels` is a set of classes (ImageNet-21k / JFT style).
+  label_key: str
+
+  def num_examples(self, split: str) -> int:
+    return self.builder.info.splits[split].num_examples
+
+  def check_split(self, split: str) -> None:
+    try:
+      self.num_examples(split)
+    except (KeyError, ValueError):
+      raise UserError(f"Dataset {self.name!r} has no split {split!r}; "
+                       f"valid: {', '.join(self.builder.info.splits)}.") from None
+
+
+def _not_found(name: str) -> UserError:
+  known = tfds.list_builders(with_community_datasets=False)
+  close = difflib.get_close_matches(name, known, n=3)
+  hint = f" Did you mean {', '.join(close)}?" if close else ""
+  return UserError(f"Unknown dataset {name!r}; valid: {', '.join(EMBEDDED)} (embedded) or any "
+                    f"registered TFDS name (tfds.list_builders()).{hint}")
+
+
+def get(name: str, data_dir: str | None = None) -> Dataset:
+  """Resolves `name`, preparing embedded datasets; UserError with the fix otherwise."""
+  data_dir = os.path.expanduser(data_dir) if data_dir else None
+  # Checked up front: for an unregistered name TFDS would search cloud storage.
+  if name.split(":")[0].split("/")[0] not in tfds.list_builders(with_community_datasets=False):
+    raise _not_found(name)
+  builder = tfds.builder(name, data_dir=data_dir)
+  if name in EMBEDDED:
+    builder.download_and_prepare()
+  elif not builder.is_prepared():
+    raise UserError(
+        f"Dataset {name!r} is not prepared in {builder.data_dir!r}: run `tfds build {name} "
+        f"--data_dir=...` (with --manual_dir for ImageNet) and pass --config.data_dir.")
+  features = builder.info.features
+  for key, multi in (("label", False), ("labels", True)):
+    if key in features:
+      feature = features[key].feature if multi else features[key]
+      return Dataset(name, builder, feature.num_classes, multi, key)
+  raise UserError(f"Dataset {name!r} has no `label` or `labels` feature; features: "
+                   f"{', '.join(features)}.")

@@ -1,0 +1,58 @@
+"""Metrics out: TensorBoard (clu), `metrics.jsonl` in the workdir, and progress on stdout.
+
+Only process 0 writes; every process may call these functions.
+"""
+
+import json
+import os
+import time
+
+import jax
+from clu import metric_writers
+
+
+class Writer:
+  """Writes scalars to TensorBoard and appends them as one JSON object per call to
+  `<workdir>/metrics.jsonl` (appending: a resumed run keeps the earlier lines)."""
+
+  def __init__(self, workdir: str):
+    self.is_main = jax.process_index() == 0
+    self._tb = metric_writers.create_default_writer(
+        workdir, just_logging=not self.is_main, asynchronous=False)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._tb.write_scalars(step, scalars)
+    if self.is_main:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+  def close(self) -> None:
+    self._tb.flush()
+    self._tb.close()
+
+
+class Progress:
+  """Throughput and ETA between successive `report` calls."""
+
+  def __init__(self, total_steps: int, batch_size: int, start_step: int):
+    self.total_steps, self.batch_size = total_steps, batch_size
+    self._step, self._time = start_step, time.monotonic()
+
+  def report(self, step: int) -> dict[str, float]:
+    now = time.monotonic()
+    steps_per_sec = (step - self._step) / max(now - self._time, 1e-9)
+    self._step, self._time = step, now
+    return {"img_per_sec": steps_per_sec * self.batch_size,
+            "eta_sec": (self.total_steps - step) / max(steps_per_sec, 1e-9)}
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,215 @@
+"""BiT ResNet-v2: pre-activation bottlenecks with GroupNorm + Weight Standardization.
+
+Exact to the released BiT checkpoints (../shared/REFERENCE.md §1). Parameter names follow the
+official `.npz` key scheme (`root_block/standardized_conv2d/kernel`,
+`block1/unit01/a/group_norm/gamma`, ..., `head/conv2d/kernel`), so mapping a checkpoint is a
+rename of the `resnet/` prefix plus the head kernel's (1, 1, C, N) <-> (C, N) reshape.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Residual units per block for each depth; 14 and 26 are small variants for tests and demos.
+DEPTHS = {
+    14: (1, 1, 1, 1),
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+
+WS_EPS = 1e-10  # Official BiT weight-standardization epsilon (timm uses 1e-8).
+GN_EPS = 1e-5
+GN_GROUPS = 32
+
+
+def standardize(kernel: jax.Array, eps: float = WS_EPS) -> jax.Array:
+  """Weight standardization of an HWIO kernel per output channel (biased variance)."""
+  mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+  var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1, 2), keepdims=True)
+  return (kernel - mean) * jax.lax.rsqrt(var + eps)
+
+
+class StdConv(nn.Module):
+  """Bias-free convolution whose raw float32 kernel is standardized on every forward pass."""
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int = 0  # Symmetric zero padding: `SAME` is asymmetric at stride 2.
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.he_normal(),
+                        (k, k, x.shape[-1], self.features), jnp.float32)
+    kernel = standardize(kernel).astype(self.dtype)
+    return jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel, (self.strides, self.strides),
+        [(self.padding, self.padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm with two-pass variance and the official `gamma`/`beta` names.
+
+  Statistics are taken in float32 whatever the compute dtype: the released weights were
+  trained with exact statistics (big_vision warns that other variance formulas shift results).
+  """
+  groups: int = GN_GROUPS
+  eps: float = GN_EPS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if c % self.groups:
+      raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.groups} groups.")
+    gamma = self.param("gamma", nn.initializers.ones, (c,), jnp.float32)
+    beta = self.param("beta", nn.initializers.zeros, (c,), jnp.float32)
+    xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.groups, c // self.groups))
+    axes = (1, 2, 4)  # H, W and the channels of one group.
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+    xg = (xg - mean) * jax.lax.rsqrt(var + self.eps)
+    return (xg.reshape(x.shape) * gamma + beta).astype(self.dtype)
+
+
+class Projection(nn.Module):
+  """A block's 1x1 shortcut projection (official scope `a/proj`)."""
+  features: int
+  strides: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return StdConv(self.features, 1, self.strides, dtype=self.dtype,
+                   name="standardized_conv2d")(x)
+
+
+class PreActConv(nn.Module):
+  """relu(GN(x)) -> StdConv: one of a unit's three stages (official scopes `a`, `b`, `c`).
+
+  With `projection` channels set it also returns the shortcut projection of its activation
+  (official `a/proj/standardized_conv2d`), else None.
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  projection: int = 0
+  projection_strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(GroupNorm(dtype=self.dtype, name="group_norm")(x))
+    shortcut = None
+    if self.projection:
+      shortcut = Projection(self.projection, self.projection_strides, dtype=self.dtype,
+                            name="proj")(x)
+    y = StdConv(self.features, self.kernel_size, self.strides, self.kernel_size // 2,
+                dtype=self.dtype, name="standardized_conv2d")(x)
+    return y, shortcut
+
+
+class Unit(nn.Module):
+  """Pre-activation bottleneck unit.
+
+  a = relu(GN(x)); shortcut = proj(a) in a block's first unit, else x;
+  y = conv1x1(a) -> relu(GN) -> conv3x3 with the stride -> relu(GN) -> conv1x1; y + shortcut.
+  """
+  mid: int
+  strides: int = 1
+  projection: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out = 4 * self.mid
+    y, shortcut = PreActConv(self.mid, 1, projection=out if self.projection else 0,
+                             projection_strides=self.strides, dtype=self.dtype, name="a")(x)
+    y, _ = PreActConv(self.mid, 3, self.strides, dtype=self.dtype, name="b")(y)
+    y, _ = PreActConv(out, 1, dtype=self.dtype, name="c")(y)
+    return y + (x if shortcut is None else shortcut)
+
+
+class Block(nn.Module):
+  """`units` bottleneck units; the first projects the shortcut and carries the stride."""
+  units: int
+  mid: int
+  strides: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for u in range(1, self.units + 1):
+      x = Unit(self.mid, self.strides if u == 1 else 1, projection=(u == 1),
+               dtype=self.dtype, name=f"unit{u:02d}")(x)
+    return x
+
+
+class Root(nn.Module):
+  """pad 3 -> 7x7/2 conv -> zero pad 1 -> 3x3/2 VALID max-pool; no norm, no ReLU.
+
+  The pool pads with zeros, not -inf: the conv output can be negative and the released
+  weights were trained this way.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = StdConv(self.features, 7, 2, padding=3, dtype=self.dtype,
+                name="standardized_conv2d")(x)
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+
+
+class Head(nn.Module):
+  """Dense classifier over pooled features; official scope `head/conv2d` (a 1x1 conv there)."""
+  num_classes: int
+  zero_init: bool = True
+  bias_init: float = 0.0
+
+  @nn.compact
+  def __call__(self, features):
+    kernel_init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+    return nn.Dense(self.num_classes, kernel_init=kernel_init,
+                    bias_init=nn.initializers.constant(self.bias_init), name="conv2d")(features)
+
+
+class ResNetV2(nn.Module):
+  """BiT ResNet-v2 mapping NHWC images in [-1, 1] to float32 logits.
+
+  `model.apply(variables, images, pre_logits=True)` returns the pooled pre-logits instead
+  (for linear evaluation and few-shot probes).
+
+  Attributes:
+    num_classes: head outputs; 0 builds no head and returns pre-logits.
+    layers: residual units per block (see DEPTHS).
+    width: width factor: the root has 64*width channels, block b 64*width*2^(b-1) mid channels.
+    dtype: compute dtype; parameters and GroupNorm statistics stay float32.
+    head_zero_init: zero head kernel (BiT transfer). The bias is `head_bias_init`, e.g. -10
+      for sigmoid pretraining on many labels.
+  """
+  num_classes: int
+  layers: Sequence[int] = DEPTHS[50]
+  width: int = 1
+  dtype: Any = jnp.float32
+  head_zero_init: bool = True
+  head_bias_init: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, pre_logits: bool = False):
+    root = 64 * self.width
+    x = Root(root, dtype=self.dtype, name="root_block")(x)
+    for b, units in enumerate(self.layers, start=1):
+      x = Block(units, root * 2 ** (b - 1), 1 if b == 1 else 2, dtype=self.dtype,
+                name=f"block{b}")(x)
+    x = nn.relu(GroupNorm(dtype=self.dtype, name="group_norm")(x))
+    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if pre_logits or not self.num_classes:
+      return features
+    return Head(self.num_classes, self.head_zero_init, self.head_bias_init, name="head")(features)

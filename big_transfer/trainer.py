@@ -1,0 +1,168 @@
+"""The training loop: state, the jitted update step, evaluation, checkpoints and metrics.
+
+`run(config, workdir)` is everything `python -m big_transfer.train` does. Every process runs
+the same code; only process 0 writes logs and metrics, all take part in checkpoints.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from big_transfer import checkpoints, evaluate, losses, metrics, models, optim, sharding
+from big_transfer.errors import TrainingError, UserError
+from big_transfer.data import datasets, pipeline
+
+
+def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1):
+  """The jitted update step (state, batch) -> (state, metrics); it donates `state`.
+
+  With `batch_split` k the batch is processed as k micro-batches whose mean gradients are
+  averaged, equal to one pass over the whole batch. A non-finite loss or gradient leaves
+  params and optimizer state unchanged and records the step in `state["bad_step"]`, so the
+  state (and every checkpoint of it) stays finite.
+  """
+
+  def loss_and_grads(params, images, labels):
+    loss = lambda p: jnp.mean(loss_fn(apply_fn(p, images), labels))
+    return jax.value_and_grad(loss)(params)
+
+  def step(state, batch):
+    params = state["params"]
+    if batch_split == 1:
+      loss, grads = loss_and_grads(params, batch["image"], batch["labels"])
+    else:
+      # Micro-batch j takes rows j, j+k, ...: each device keeps its own rows, no transfers.
+      micro = jax.tree.map(
+          lambda x: jnp.swapaxes(x.reshape((-1, batch_split) + x.shape[1:]), 0, 1), batch)
+      micro = jax.lax.with_sharding_constraint(
+          micro, NamedSharding(mesh, P(None, sharding.DATA)))
+
+      def accumulate(total, mb):
+        return jax.tree.map(jnp.add, total, loss_and_grads(params, mb["image"], mb["labels"])), None
+
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+      loss, grads = jax.tree.map(lambda x: x / batch_split, (loss, grads))
+
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_new = lambda new, old: jnp.where(finite, new, old)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": jax.tree.map(keep_new, optax.apply_updates(params, updates), params),
+        "opt_state": jax.tree.map(keep_new, opt_state, state["opt_state"]),
+        "bad_step": jnp.where(finite | (state["bad_step"] >= 0), state["bad_step"],
+                              state["step"]),
+    }
+    return new_state, {"loss": loss, "lr": schedule(state["step"]), "grad_norm": grad_norm}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def _check_finite(state, last_checkpoint: int | None) -> None:
+  bad_step = int(jax.device_get(state["bad_step"]))
+  if bad_step >= 0:
+    where = (f"checkpoint at step {last_checkpoint} is intact" if last_checkpoint is not None
+             else "no checkpoint was written")
+    raise TrainingError(f"Loss or gradient became NaN/Inf at step {bad_step}; the {where}. "
+                        "Lower --config.lr or check the data, then rerun.")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics."""
+  # ---- Data, model, optimizer -------------------------------------------------------------
+  mesh = sharding.make_mesh()
+  local_batch = sharding.local_batch_size(config.batch_size)
+  if local_batch * jax.process_count() // jax.device_count() % config.batch_split:
+    raise UserError(f"batch_split {config.batch_split} must divide the per-device batch "
+                     f"{config.batch_size // jax.device_count()}.")
+  dataset = datasets.get(config.dataset, config.data_dir)
+  dataset.check_split(config.train_split)
+  dataset.check_split(config.eval_split)
+  durations = optim.Durations(dataset.num_examples(config.train_split), config.batch_size)
+  total_steps = durations(config, "total")
+  model = models.get_model(
+      config.model.name, dataset.num_classes, dtype=jnp.dtype(config.model.dtype),
+      head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init)
+  schedule = optim.make_schedule(config, durations, total_steps)
+  tx = optim.make_optimizer(config, schedule)
+  loss_fn = losses.get(config.loss)
+  apply_fn = lambda params, images: model.apply({"params": params}, images)
+
+  # ---- State: fresh or restored -------------------------------------------------------------
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def init(rng):
+    # Parameter shapes do not depend on the resolution (global pooling before the head).
+    params = model.init(rng, jnp.zeros((1, 32, 32, 3), jnp.float32))["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "bad_step": jnp.full((), -1, jnp.int32)}
+
+  with jax.set_mesh(mesh):
+    abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+        abstract_state)
+    ckpt = checkpoints.Manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    state = ckpt.restore(abstract_state)
+    if state is None:
+      state = init(jax.random.key(config.seed))
+    start_step = int(jax.device_get(state["step"]))
+
+    num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
+    metrics.log(f"{config.model.name}: {num_params:,} parameters; {dataset.name} "
+                f"{dataset.num_examples(config.train_split):,} train images, "
+                f"{dataset.num_classes} classes; batch {config.batch_size} over "
+                f"{jax.device_count()} devices ({jax.process_count()} processes); "
+                f"{total_steps} steps.")
+
+    writer = metrics.Writer(workdir)
+    train_step = make_train_step(apply_fn, tx, loss_fn, schedule, mesh, config.batch_split)
+    eval_step = evaluate.make_classification_step(apply_fn, loss_fn)
+
+    def run_eval(step):
+      batches = pipeline.eval_iterator(
+          dataset, config.eval_split, config.pp_eval, local_batch,
+          process_index=jax.process_index(), process_count=jax.process_count())
+      result = evaluate.classification(eval_step, state["params"], batches, mesh)
+      writer.write(step, {f"eval/{k}": v for k, v in result.items()})
+      metrics.log(f"step {step}: eval {config.eval_split} accuracy "
+                  f"{100 * result['accuracy']:.2f}% over {int(result['count'])} images, "
+                  f"loss {result['loss']:.4f}")
+      return result
+
+    # ---- Training loop --------------------------------------------------------------------
+    if start_step >= total_steps:
+      metrics.log(f"Run already finished ({start_step}/{total_steps} steps); not retraining.")
+    else:
+      batches = pipeline.train_iterator(
+          dataset, config.train_split, config.pp_train, local_batch, seed=config.seed,
+          start_step=start_step, shuffle_buffer=config.shuffle_buffer, cache=config.cache,
+          process_index=jax.process_index(), process_count=jax.process_count())
+      progress = metrics.Progress(total_steps, config.batch_size, start_step)
+      for step in range(start_step + 1, total_steps + 1):
+        state, step_metrics = train_step(state, sharding.to_global(next(batches), mesh))
+        is_last = step == total_steps
+        if step % config.log_every_steps == 0 or is_last:
+          _check_finite(state, ckpt.latest_step())
+          scalars = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
+          scalars.update(progress.report(step))
+          writer.write(step, scalars)
+          metrics.log(f"step {step}/{total_steps}: loss {scalars['train/loss']:.4f} "
+                      f"lr {scalars['train/lr']:.4g} {scalars['img_per_sec']:.1f} img/s "
+                      f"ETA {metrics.format_eta(scalars['eta_sec'])}")
+        if step % ckpt.every_steps == 0 or is_last:
+          _check_finite(state, ckpt.latest_step())
+          ckpt.save(step, state, force=is_last)
+        if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
+          run_eval(step)
+    ckpt.close()
+    result = run_eval(total_steps)
+    writer.close()
+  metrics.log(f"Final {config.eval_split} accuracy: {100 * result['accuracy']:.2f}%")
+  return result

@@ -1,0 +1,34 @@
+"""big_transfer: Big Transfer (BiT) pretraining and transfer in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Exact pins: a fresh machine must get the versions the tests ran with. Transitive
+# dependencies are pinned in requirements.lock (use it with `PIP_CONSTRAINT=requirements.lock`).
+INSTALL_REQUIRES = [
+    "absl-py==2.5.1",
+    "clu==0.0.12",
+    "flax==0.12.8",
+    "importlib_resources==7.1.0",  # Needed by tensorflow-datasets 4.9.10, not declared by it.
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "ml-collections==1.1.0",
+    "numpy==2.4.6",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "scikit-learn==1.9.1",
+    "tensorboard==2.21.0",
+    "tensorflow-cpu==2.21.0",
+    "tensorflow-datasets==4.9.10",
+]
+
+setup(
+    name="big_transfer",
+    version="0.1.0",
+    description="Big Transfer (BiT) ResNet-v2 pretraining and transfer on JAX, CPU to TPU pods.",
+    packages=find_packages(include=["big_transfer", "big_transfer.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+    },
+)

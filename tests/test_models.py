@@ -1,0 +1,95 @@
+"""The BiT ResNet-v2 model: architecture facts from ../shared/REFERENCE.md §1."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_transfer import models
+from big_transfer.errors import UserError
+from big_transfer.models import bit
+
+# REFERENCE.md §1: parameters of the released checkpoints (backbone, +1000 head, +21843 head).
+PARAM_COUNTS = {
+    "R50x1": (23_500_352, 25_549_352, 68_256_659),
+    "R101x1": (42_492_480, 44_541_480, 87_248_787),
+    "R50x3": (211_174_080, 217_319_080, 345_399_315),
+    "R101x3": (381_789_888, 387_934_888, 516_015_123),
+    "R152x2": (232_238_208, 236_335_208, 321_728_979),
+    "R152x4": (928_340_224, 936_533_224, 1_107_299_923),
+}
+ROUNDED = {  # The table's rounded millions, to tie the exact figures above to the reference.
+    "R50x1": (23.50, 25.55, 68.26), "R101x1": (42.49, 44.54, 87.25),
+    "R50x3": (211.17, 217.32, 345.40), "R101x3": (381.79, 387.93, 516.02),
+    "R152x2": (232.24, 236.34, 321.73), "R152x4": (928.34, 936.53, 1107.30),
+}
+KEYS_WITHOUT_HEAD = {50: 151, 101: 304, 152: 457}
+
+
+def _shapes(name, num_classes):
+  model = models.get_model(f"BiT-M-{name}", num_classes)
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
+
+
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_parameter_counts_match_released_checkpoints(name):
+  for num_classes, expected, rounded in zip((0, 1000, 21843), PARAM_COUNTS[name], ROUNDED[name]):
+    shapes = _shapes(name, num_classes)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert count == expected and round(count / 1e6, 2) == rounded, (name, num_classes, count)
+  depth = int(name[1:].split("x")[0])
+  assert len(jax.tree.leaves(_shapes(name, 0))) == KEYS_WITHOUT_HEAD[depth]
+
+
+def test_official_parameter_names_and_shapes():
+  shapes = _shapes("R50x1", 1000)
+  flat = {"/".join(k.key for k in path): v.shape
+          for path, v in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  assert flat["root_block/standardized_conv2d/kernel"] == (7, 7, 3, 64)
+  assert flat["block1/unit01/a/proj/standardized_conv2d/kernel"] == (1, 1, 64, 256)
+  assert flat["block1/unit01/a/standardized_conv2d/kernel"] == (1, 1, 64, 64)
+  assert flat["block2/unit01/b/standardized_conv2d/kernel"] == (3, 3, 128, 128)
+  assert flat["block4/unit03/c/standardized_conv2d/kernel"] == (1, 1, 512, 2048)
+  assert flat["block3/unit06/b/group_norm/gamma"] == (256,)
+  assert flat["group_norm/beta"] == (2048,)
+  assert flat["head/conv2d/kernel"] == (2048, 1000)
+  assert "block2/unit02/a/proj/standardized_conv2d/kernel" not in flat
+
+
+def test_weight_standardization_per_output_channel():
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 8, 4)) * 3 + 1
+  ws = bit.standardize(kernel)
+  np.testing.assert_allclose(ws.mean(axis=(0, 1, 2)), 0, atol=1e-5)
+  np.testing.assert_allclose(ws.std(axis=(0, 1, 2)), 1, atol=1e-4)
+
+
+def test_root_pool_pads_with_zeros_not_minus_infinity():
+  root = bit.Root(32)
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  variables = root.init(jax.random.key(0), x)
+  conv = bit.StdConv(32, 7, 2, padding=3).apply(
+      {"params": variables["params"]["standardized_conv2d"]}, x)
+  window = ((1, 3, 3, 1), (1, 2, 2, 1))
+  zero_padded = jax.lax.reduce_window(jnp.pad(conv, ((0, 0), (1, 1), (1, 1), (0, 0))),
+                                      -jnp.inf, jax.lax.max, *window, "VALID")
+  inf_padded = jax.lax.reduce_window(conv, -jnp.inf, jax.lax.max, *window,
+                                     ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = root.apply(variables, x)
+  assert out.shape == (2, 8, 8, 32)
+  np.testing.assert_allclose(out, zero_padded, rtol=1e-6)
+  assert not np.allclose(out, inf_padded)  # The two paddings really differ on this input.
+
+
+def test_zero_head_and_pre_logits():
+  model = models.get_model("R14x1", 10)
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  variables = model.init(jax.random.key(0), x)
+  np.testing.assert_array_equal(model.apply(variables, x), np.zeros((2, 10)))
+  assert model.apply(variables, x, pre_logits=True).shape == (2, 2048)
+  biased = models.get_model("R14x1", 10, head_bias_init=-10.0)
+  np.testing.assert_array_equal(biased.apply(biased.init(jax.random.key(0), x), x), -10)
+
+
+def test_unknown_model_names_valid_choices():
+  with pytest.raises(UserError, match=r"Unknown model 'R50x5'; valid: R14x1, .*R152x4"):
+    models.get_model("R50x5", 10)

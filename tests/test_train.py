@@ -1,0 +1,64 @@
+"""End-to-end: the real trainer CLI for a few steps on a tiny model and the digits data."""
+
+import json
+import os
+
+import pytest
+
+from conftest import TINY, run_train
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_trains_logs_checkpoints_and_resumes(tmp_path, data_dir, devices):
+  workdir = str(tmp_path / "run")
+  first = run_train(workdir, *TINY, f"--config.data_dir={data_dir}",
+                    "--config.total_steps=2", devices=devices)
+  assert f"over {devices} devices" in first.stdout
+  assert "step 2/2: loss" in first.stdout and "img/s" in first.stdout and "ETA" in first.stdout
+  assert "Final test accuracy" in first.stdout
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+  # A longer schedule on the same workdir resumes at the saved step instead of restarting.
+  second = run_train(workdir, *TINY, f"--config.data_dir={data_dir}", devices=devices)
+  assert "Resuming from checkpoint at step 2." in second.stdout
+  assert "step 2/4" not in second.stdout and "step 4/4: loss" in second.stdout
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+  # A finished run is not trained again.
+  third = run_train(workdir, *TINY, f"--config.data_dir={data_dir}", devices=devices)
+  assert "Run already finished (4/4 steps); not retraining." in third.stdout
+  assert "loss" not in third.stdout.split("not retraining.")[1].split("eval")[0]
+
+  records = _metrics(workdir)
+  train_steps = [r["step"] for r in records if "train/loss" in r]
+  assert train_steps == [2, 4]
+  evals = [r for r in records if "eval/accuracy" in r]
+  assert len(evals) == 3 and all(r["eval/count"] == 360 for r in evals)
+  assert all(r["train/lr"] > 0 for r in records if "train/lr" in r)
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--config.no_such_key=1", "Unknown config key 'no_such_key'; valid: batch_size, batch_split,"),
+    ("--config.model.name=R51x1", "Unknown model 'R51x1'; valid: R14x1,"),
+    ("--config.dataset=no_such_dataset", "Unknown dataset 'no_such_dataset'; valid: sklearn_digits"),
+])
+def test_bad_input_is_one_line(tmp_path, data_dir, flag, expected):
+  proc = run_train(str(tmp_path / "run"), f"--config.data_dir={data_dir}", flag, check=False)
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_batch_not_divisible_by_devices(tmp_path, data_dir):
+  proc = run_train(str(tmp_path / "run"), *TINY, f"--config.data_dir={data_dir}",
+                   "--config.batch_size=12", devices=8, check=False)
+  assert proc.returncode != 0
+  assert proc.stderr.strip() == ("error: batch_size 12 is not divisible by the 8 devices; use a "
+                                 "multiple of 8 (e.g. --config.batch_size=8).")
