@@ -1,8 +1,13 @@
 """The device mesh and the placement of batches and state on it.
 
-One mesh axis, `data`, spans every device of every process: batches are split along it and
-the training state is replicated (FSDP-style state sharding is an option of the engine).
+One mesh axis, `data`, spans every device of every process: batches are split along it. The
+training state is either replicated on every device (`replicated`, plain data parallelism) or
+split along the same axis (`fsdp`: each device holds 1/n of every large parameter and its
+optimizer state; XLA gathers parameters for the forward/backward pass and reduce-scatters the
+gradients), which is what lets R152x4 fit next to its activations.
 """
+
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -11,10 +16,34 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from big_transfer.errors import UserError
 
 DATA = "data"
+STATE_SHARDINGS = ("replicated", "fsdp")
+FSDP_MIN_SIZE = 2 ** 14  # Smaller arrays (GN scales, biases) stay replicated: not worth a gather.
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), (DATA,))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A one-axis mesh over `devices` (default: every device of every process)."""
+  if devices is None:
+    return jax.make_mesh((jax.device_count(),), (DATA,))
+  return jax.sharding.Mesh(np.asarray(devices), (DATA,))
+
+
+def _fsdp_spec(shape: tuple[int, ...], n: int) -> P:
+  """Splits the largest axis divisible by `n`; replicates small or indivisible arrays."""
+  if n == 1 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % n == 0:
+      return P(*([None] * axis + [DATA]))
+  return P()
+
+
+def state_shardings(abstract_state, mesh, mode: str):
+  """NamedShardings for every leaf of the training state under `mode` (STATE_SHARDINGS)."""
+  if mode not in STATE_SHARDINGS:
+    raise UserError(f"Unknown state sharding {mode!r}; valid: {', '.join(STATE_SHARDINGS)}.")
+  n = mesh.shape[DATA]
+  spec = (lambda x: _fsdp_spec(x.shape, n)) if mode == "fsdp" else (lambda x: P())
+  return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), abstract_state)
 
 
 def replicated(mesh) -> NamedSharding:
@@ -25,14 +54,12 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
-def local_batch_size(global_batch: int) -> int:
-  """The per-process share of `global_batch`; UserError when it does not divide evenly."""
-  devices, processes = jax.device_count(), jax.process_count()
-  if global_batch % devices:
-    raise UserError(f"batch_size {global_batch} is not divisible by the {devices} devices; "
-                     f"use a multiple of {devices} (e.g. --config.batch_size="
-                     f"{max(devices, global_batch // devices * devices)}).")
-  return global_batch // processes
+def check_batch_size(global_batch: int, num_devices: int) -> None:
+  """UserError unless the global batch splits evenly over the devices."""
+  if global_batch % num_devices:
+    raise UserError(f"batch_size {global_batch} is not divisible by the {num_devices} devices; "
+                    f"use a multiple of {num_devices} (e.g. --config.batch_size="
+                    f"{max(num_devices, global_batch // num_devices * num_devices)}).")
 
 
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:

@@ -2,6 +2,9 @@
 
 Override any config field with `--config.key=value`; rerunning with the same workdir resumes
 from its latest checkpoint. Bad input ends with one `error: ...` line and exit status 1.
+
+Multi-host: on a TPU pod pass `--distributed` on every host (JAX finds the coordinator);
+elsewhere give `--coordinator_address=host:port --num_processes=N --process_id=i`.
 """
 
 import os
@@ -9,19 +12,35 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads: quiet C++ logs.
 
-from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging
 
-from big_transfer import cli, errors  # pylint: disable=wrong-import-position
+from big_transfer import cli, errors
 
-WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.",
-                              required=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
+DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                "Call jax.distributed.initialize() (TPU pods, SLURM).")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
   del argv
+  if PRINT_CONFIG.value:
+    print(cli.CONFIG.value)
+    return
+  if not WORKDIR.value:
+    sys.exit("error: --workdir=DIR is required (checkpoints and metrics go there).")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Library INFO logs would drown the progress lines.
-  from big_transfer import trainer  # pylint: disable=g-import-not-at-top (after flag errors)
+  import jax
+  if COORDINATOR.value:
+    jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+  elif DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from big_transfer import trainer
   try:
     trainer.run(cli.CONFIG.value, WORKDIR.value)
   except (errors.UserError, errors.TrainingError) as e:

@@ -1,25 +1,30 @@
 """The training loop: state, the jitted update step, evaluation, checkpoints and metrics.
 
-`run(config, workdir)` is everything `python -m big_transfer.train` does. Every process runs
-the same code; only process 0 writes logs and metrics, all take part in checkpoints.
+`run(config, workdir)` is everything `python -m big_transfer.train` does; `build(...)` makes
+the model, optimizer, sharded state and update step without touching data, so the TPU
+planner compiles exactly the step that training runs. Every process runs the same code;
+only process 0 writes logs and metrics, all take part in checkpoints.
 """
 
-import functools
+import dataclasses
+import signal
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_transfer import checkpoints, evaluate, losses, metrics, models, optim, sharding
-from big_transfer.errors import TrainingError, UserError
 from big_transfer.data import datasets, pipeline
+from big_transfer.errors import TrainingError, UserError
 
 
 def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1):
-  """The jitted update step (state, batch) -> (state, metrics); it donates `state`.
+  """The update step (state, batch) -> (state, metrics), to be jitted with donation.
 
   With `batch_split` k the batch is processed as k micro-batches whose mean gradients are
   averaged, equal to one pass over the whole batch. A non-finite loss or gradient leaves
@@ -62,7 +67,74 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1)
     }
     return new_state, {"loss": loss, "lr": schedule(state["step"]), "grad_norm": grad_norm}
 
-  return jax.jit(step, donate_argnums=0)
+  return step
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything about a run that does not need data."""
+  model: Any
+  apply_fn: Callable
+  loss_fn: Callable
+  schedule: optax.Schedule
+  total_steps: int
+  state_shardings: Any
+  abstract_state: Any  # ShapeDtypeStructs carrying the shardings.
+  init: Callable  # rng -> sharded state.
+  train_step: Callable  # Jitted (state, global batch) -> (state, metrics); donates state.
+
+
+def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
+          num_train_examples: int) -> Setup:
+  sharding.check_batch_size(config.batch_size, mesh.size)
+  if (config.batch_size // mesh.size) % config.batch_split:
+    raise UserError(f"batch_split {config.batch_split} must divide the per-device batch "
+                    f"{config.batch_size // mesh.size}.")
+  durations = optim.Durations(num_train_examples, config.batch_size)
+  total_steps = durations(config, "total")
+  model = models.get_model(
+      config.model.name, num_classes, dtype=jnp.dtype(config.model.dtype),
+      head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init)
+  schedule = optim.make_schedule(config, durations, total_steps)
+  tx = optim.make_optimizer(config, schedule)
+  loss_fn = losses.get(config.loss)
+  apply_fn = lambda params, images: model.apply({"params": params}, images)
+
+  def init_state(rng):
+    # Parameter shapes do not depend on the resolution (global pooling before the head).
+    params = model.init(rng, jnp.zeros((1, 32, 32, 3), jnp.float32))["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "bad_step": jnp.full((), -1, jnp.int32)}
+
+  shapes = jax.eval_shape(init_state, jax.random.key(0))
+  shardings = sharding.state_shardings(shapes, mesh, config.state_sharding)
+  shardings["step"] = shardings["bad_step"] = sharding.replicated(mesh)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  step = make_train_step(apply_fn, tx, loss_fn, schedule, mesh, config.batch_split)
+  train_step = jax.jit(
+      step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return Setup(model, apply_fn, loss_fn, schedule, total_steps, shardings, abstract_state,
+               jax.jit(init_state, out_shardings=shardings), train_step)
+
+
+class _Preemption:
+  """SIGTERM (a preemption notice) -> save and exit cleanly at a step all processes agree on."""
+
+  def __init__(self):
+    self._signalled = False
+    if jax.process_count() == 1:  # Multi-process: jax.distributed's sync manager has it.
+      signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self._signalled
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
 def _check_finite(state, last_checkpoint: int | None) -> None:
@@ -74,47 +146,55 @@ def _check_finite(state, last_checkpoint: int | None) -> None:
                         "Lower --config.lr or check the data, then rerun.")
 
 
+def _train_batches(config, dataset, start_step: int):
+  """This process's share of each global batch, positioned at `start_step`.
+
+  `input_sharding="process"` (default): each process reads its own shard of the split.
+  `"global"`: every process reads the whole stream and keeps its rows of each global batch,
+  so the batches do not depend on the process count (reproducibility checks; costs I/O).
+  """
+  local_batch = config.batch_size // jax.process_count()
+  kwargs = dict(seed=config.seed, start_step=start_step, shuffle_buffer=config.shuffle_buffer,
+                cache=config.cache)
+  if config.input_sharding == "process":
+    return pipeline.train_iterator(
+        dataset, config.train_split, config.pp_train, local_batch,
+        process_index=jax.process_index(), process_count=jax.process_count(), **kwargs)
+  if config.input_sharding != "global":
+    raise UserError(f"Unknown input_sharding {config.input_sharding!r}; valid: process, global.")
+  rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
+  batches = pipeline.train_iterator(dataset, config.train_split, config.pp_train,
+                                    config.batch_size, **kwargs)
+  return ({k: v[rows] for k, v in batch.items()} for batch in batches)
+
+
+def _num_classes(config, dataset) -> int:
+  expected = config.get("num_classes")
+  if expected is not None and expected != dataset.num_classes:
+    raise UserError(f"Config expects {expected} classes but dataset {dataset.name!r} has "
+                    f"{dataset.num_classes}; set --config.num_classes={dataset.num_classes}.")
+  return dataset.num_classes
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics."""
-  # ---- Data, model, optimizer -------------------------------------------------------------
   mesh = sharding.make_mesh()
-  local_batch = sharding.local_batch_size(config.batch_size)
-  if local_batch * jax.process_count() // jax.device_count() % config.batch_split:
-    raise UserError(f"batch_split {config.batch_split} must divide the per-device batch "
-                     f"{config.batch_size // jax.device_count()}.")
   dataset = datasets.get(config.dataset, config.data_dir)
   dataset.check_split(config.train_split)
   dataset.check_split(config.eval_split)
-  durations = optim.Durations(dataset.num_examples(config.train_split), config.batch_size)
-  total_steps = durations(config, "total")
-  model = models.get_model(
-      config.model.name, dataset.num_classes, dtype=jnp.dtype(config.model.dtype),
-      head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init)
-  schedule = optim.make_schedule(config, durations, total_steps)
-  tx = optim.make_optimizer(config, schedule)
-  loss_fn = losses.get(config.loss)
-  apply_fn = lambda params, images: model.apply({"params": params}, images)
-
-  # ---- State: fresh or restored -------------------------------------------------------------
-  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-  def init(rng):
-    # Parameter shapes do not depend on the resolution (global pooling before the head).
-    params = model.init(rng, jnp.zeros((1, 32, 32, 3), jnp.float32))["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "bad_step": jnp.full((), -1, jnp.int32)}
+  setup = build(config, mesh, _num_classes(config, dataset),
+                dataset.num_examples(config.train_split))
+  total_steps = setup.total_steps
+  local_batch = config.batch_size // jax.process_count()
 
   with jax.set_mesh(mesh):
-    abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-        abstract_state)
+    # ---- State: restored or fresh ---------------------------------------------------------
     ckpt = checkpoints.Manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    state = ckpt.restore(abstract_state)
+    state = ckpt.restore(setup.abstract_state)
     if state is None:
-      state = init(jax.random.key(config.seed))
+      state = setup.init(jax.random.key(config.seed))
     start_step = int(jax.device_get(state["step"]))
-
-    num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
+    num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
     metrics.log(f"{config.model.name}: {num_params:,} parameters; {dataset.name} "
                 f"{dataset.num_examples(config.train_split):,} train images, "
                 f"{dataset.num_classes} classes; batch {config.batch_size} over "
@@ -122,8 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 f"{total_steps} steps.")
 
     writer = metrics.Writer(workdir)
-    train_step = make_train_step(apply_fn, tx, loss_fn, schedule, mesh, config.batch_split)
-    eval_step = evaluate.make_classification_step(apply_fn, loss_fn)
+    eval_step = evaluate.make_classification_step(setup.apply_fn, setup.loss_fn)
 
     def run_eval(step):
       batches = pipeline.eval_iterator(
@@ -140,13 +219,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if start_step >= total_steps:
       metrics.log(f"Run already finished ({start_step}/{total_steps} steps); not retraining.")
     else:
-      batches = pipeline.train_iterator(
-          dataset, config.train_split, config.pp_train, local_batch, seed=config.seed,
-          start_step=start_step, shuffle_buffer=config.shuffle_buffer, cache=config.cache,
-          process_index=jax.process_index(), process_count=jax.process_count())
+      batches = _train_batches(config, dataset, start_step)
       progress = metrics.Progress(total_steps, config.batch_size, start_step)
+      preemption = _Preemption()
       for step in range(start_step + 1, total_steps + 1):
-        state, step_metrics = train_step(state, sharding.to_global(next(batches), mesh))
+        state, step_metrics = setup.train_step(state, sharding.to_global(next(batches), mesh))
         is_last = step == total_steps
         if step % config.log_every_steps == 0 or is_last:
           _check_finite(state, ckpt.latest_step())
@@ -156,9 +233,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           metrics.log(f"step {step}/{total_steps}: loss {scalars['train/loss']:.4f} "
                       f"lr {scalars['train/lr']:.4g} {scalars['img_per_sec']:.1f} img/s "
                       f"ETA {metrics.format_eta(scalars['eta_sec'])}")
-        if step % ckpt.every_steps == 0 or is_last:
+        preempted = preemption.reached(step)
+        if step % ckpt.every_steps == 0 or is_last or preempted:
           _check_finite(state, ckpt.latest_step())
-          ckpt.save(step, state, force=is_last)
+          ckpt.save(step, state)
+        if preempted:
+          ckpt.close()
+          writer.close()
+          metrics.log(f"Preempted (SIGTERM): saved step {step}; rerun the same command to "
+                      "resume.")
+          return {}
         if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
           run_eval(step)
     ckpt.close()

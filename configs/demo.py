@@ -20,6 +20,7 @@ def get_config(arg=None):
 
   config.dataset = "sklearn_digits"
   config.data_dir = config_dict.placeholder(str)
+  config.num_classes = 10
   config.train_split = "train"
   config.eval_split = "test"
   # Digits are 8x8: upsample, then crop and flip as the upstream recipe does.
@@ -37,6 +38,8 @@ def get_config(arg=None):
   config.loss = "softmax_xent"
   config.batch_size = 64
   config.batch_split = 1
+  config.state_sharding = "replicated"  # Or "fsdp": parameters split over the devices.
+  config.input_sharding = "process"  # Or "global": batches independent of the process count.
   config.total_steps = config_dict.placeholder(int)
   config.total_epochs = 12.0
   config.total_examples = config_dict.placeholder(int)
