@@ -1,0 +1,85 @@
+"""The config schema: every key the trainer reads, with neutral defaults.
+
+Config files (`configs/*.py`) start from `base()` and set their recipe explicitly, so every
+config accepts the same `--config.key=value` overrides and a typo in any of them fails.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data. `dataset`: a TFDS name (prepared under data_dir) or the embedded sklearn_digits.
+  config.dataset = ""
+  config.data_dir = config_dict.placeholder(str)
+  config.num_classes = config_dict.placeholder(int)  # Checked against the dataset when set.
+  config.train_split = "train"
+  config.eval_split = "test"
+  config.pp_train = ""
+  config.pp_eval = ""
+  config.shuffle_buffer = 10_000
+  config.cache = False
+  config.input_sharding = "process"  # Or "global": batches independent of the process count.
+
+  # Model (big_transfer.models.get_model).
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "R50x1"
+  config.model.dtype = "float32"  # Compute dtype; parameters stay float32.
+  config.model.head_zero_init = True
+  config.model.head_bias_init = 0.0
+
+  # Optimization. Durations: <name>_steps, _examples or _epochs (the first one set wins).
+  config.loss = "softmax_xent"
+  config.batch_size = 4096  # Global, over all devices of all processes.
+  config.batch_split = 1  # Gradient accumulation over this many micro-batches.
+  config.state_sharding = "replicated"  # Or "fsdp": parameters split over the devices.
+  config.total_steps = config_dict.placeholder(int)
+  config.total_examples = config_dict.placeholder(int)
+  config.total_epochs = config_dict.placeholder(float)
+  config.lr = 0.03
+  config.lr_batch_ref = 256  # lr is per this many examples; 0 = no batch scaling.
+  config.momentum = 0.9
+  config.wd = 1e-4  # Coupled L2 (grad += wd * param), as in the paper's TF code.
+  config.wd_mask = r".*/kernel"
+  config.grad_clip_norm = config_dict.placeholder(float)
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.kind = "stair"  # Or "cosine".
+  config.schedule.warmup_steps = config_dict.placeholder(int)
+  config.schedule.warmup_epochs = config_dict.placeholder(float)
+  config.schedule.decay_steps = config_dict.placeholder(tuple)
+  config.schedule.decay_epochs = config_dict.placeholder(tuple)
+  config.schedule.decay_factor = 0.1
+
+  # Bookkeeping.
+  config.log_every_steps = 50
+  config.eval_every_steps = 1000  # 0: only at the end.
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  return config
+
+
+def upstream(model: str, *, dataset: str, num_classes: int, loss: str, total_epochs: float,
+             decay_epochs: tuple[float, ...]) -> ml_collections.ConfigDict:
+  """The BiT upstream recipe (paper §3.3, ../shared/REFERENCE.md §3): SGD momentum 0.9,
+  lr 0.03 x batch/256, batch 4096, 5000 warmup steps, /10 stair decays, wd 1e-4,
+  inception crop 224 + random flip, pixels in [-1, 1]."""
+  config = base()
+  config.dataset = dataset
+  config.num_classes = num_classes
+  config.pp_train = "decode|inception_crop(224)|flip_lr|value_range(-1, 1)"
+  config.pp_eval = "decode|resize(224)|value_range(-1, 1)"
+  config.model.name = model
+  config.loss = loss
+  if loss == "sigmoid_xent":  # Start every binary classifier near "absent" (big_vision BiT-M).
+    config.model.head_bias_init = -10.0
+  config.batch_size = 4096
+  config.lr = 0.03
+  config.lr_batch_ref = 256
+  config.wd = 1e-4
+  config.total_epochs = total_epochs
+  config.schedule.warmup_steps = 5000
+  config.schedule.decay_epochs = decay_epochs
+  return config
