@@ -5,16 +5,28 @@ process killed mid-write leaves the earlier checkpoints as they were, and old ch
 deleted only after a newer one is finalized. A checkpoint that fails to restore (truncated or
 corrupted after the fact) is moved to `<workdir>/corrupt_checkpoints/` and the previous one is
 used, with a warning; nothing is deleted.
+
+Released BiT checkpoints (`BiT-{S,M}-R*.npz`) are read by `load_bit_npz` and written by
+`save_bit_npz` in the official flat layout: keys `resnet/<flax param path>`, conv kernels HWIO,
+GroupNorm `gamma`/`beta` 1-D, head kernel (1, 1, C, N), all float32.
 """
 
 import os
+import re
 import shutil
+import tempfile
+import zipfile
+import zlib
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from big_transfer import metrics
+from big_transfer import metrics, models
+from big_transfer.errors import UserError
+from big_transfer.models import bit
 
 
 class Manager:
@@ -68,3 +80,197 @@ class Manager:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+PREFIX = "resnet/"
+HEAD_KERNEL = "head/conv2d/kernel"
+HEAD_BIAS = "head/conv2d/bias"
+HEAD_MODES = ("auto", "keep", "reset")
+_NUMBERED_CONV = re.compile(r"/standardized_conv2d_\d+/")
+_UNIT = re.compile(r"^block([1-4])/unit(\d+)/")
+
+
+def load_bit_npz(path: str, model_name: str | None = None, num_classes: int | None = None, *,
+                 head: str = "auto") -> dict:
+  """Flax `params` (float32 numpy) for `get_model(name, num_classes)` from an official BiT .npz.
+
+  Depth and width are read from the file (units per block, root width); `model_name` (e.g.
+  "BiT-M-R50x1") is only checked against them. The head depends on `num_classes` (None: the
+  file's class count, 0: no head) and `head`:
+    "auto":  keep the file's head when its class count equals `num_classes`, else start a
+             zero head (kernel and bias) of `num_classes` for transfer and log one line;
+    "keep":  the file's head, UserError if its class count differs from `num_classes`;
+    "reset": always a zero head of `num_classes`.
+  Backbone-only files (no `resnet/head/...`) load too; their head counts as 0 classes.
+  Raises UserError (one line) for unreadable files and for missing, unexpected, duplicate or
+  wrongly shaped keys.
+  """
+  if head not in HEAD_MODES:
+    raise UserError(f"head={head!r} is not one of {', '.join(HEAD_MODES)}; "
+                    "use 'auto' to keep a matching head and zero-init otherwise.")
+  flat = _official_to_flat(_read_npz(path), path)
+  layers, width = _architecture(flat, path)
+  if model_name is not None:
+    wanted = models.parse_name(model_name)
+    if wanted != (layers, width):
+      raise UserError(f"{path} holds {_describe(layers, width)} but model {model_name} was "
+                      f"requested; load it as {_model_name(layers, width)} or pick the file "
+                      f"of {model_name}.")
+  file_classes = _head_classes(flat, path)
+  _check_layout(flat, layers, width, file_classes, path)
+  if num_classes is None:
+    num_classes = file_classes
+  if head == "keep" and num_classes != file_classes:
+    raise UserError(f"{path} has a {file_classes}-class head but num_classes={num_classes} was "
+                    "requested with head='keep'; pass head='auto' or 'reset' to start a zero "
+                    "head for transfer.")
+  if head == "reset" or num_classes != file_classes:
+    if head == "auto":
+      found = f"a {file_classes}-class head" if file_classes else "no head"
+      action = f"starting a zero {num_classes}-class head" if num_classes else "dropping it"
+      metrics.log(f"{path} has {found}, {num_classes} classes requested: {action}.")
+    flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
+    if num_classes:
+      flat[HEAD_KERNEL] = np.zeros((2048 * width, num_classes), np.float32)
+      flat[HEAD_BIAS] = np.zeros((num_classes,), np.float32)
+  return _unflatten(flat)
+
+
+def save_bit_npz(params, path: str) -> None:
+  """Writes flax `params` of a BiT model as an official BiT .npz (timm and the official code
+  read it), atomically: a crash mid-write leaves any previous file at `path` intact.
+
+  The name is used as given (numpy would append `.npz` to a bare path, this does not).
+  """
+  flat = {"/".join(str(k.key) for k in key_path): np.asarray(jax.device_get(leaf), np.float32)
+          for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  if HEAD_KERNEL in flat:  # Flax Dense (C, N) is the official 1x1 conv (1, 1, C, N).
+    flat[HEAD_KERNEL] = flat[HEAD_KERNEL][None, None]
+  layers, width = _architecture(flat, "params")
+  _check_layout(flat, layers, width, _head_classes(flat, "params"), "params")
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    os.fchmod(fd, 0o644)  # Readable like any saved file, not mkstemp's private 0600.
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, **{PREFIX + k: flat[k] for k in sorted(flat)})
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  dir_fd = os.open(directory, os.O_RDONLY)  # Make the rename itself durable.
+  try:
+    os.fsync(dir_fd)
+  finally:
+    os.close(dir_fd)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """Every array of the file, read eagerly so that corruption anywhere surfaces here."""
+  if not os.path.isfile(path):
+    raise UserError(f"Checkpoint {path} does not exist; check the path (released files are "
+                    "BiT-{S,M}-R*.npz from the public bit_models bucket).")
+  try:
+    archive = np.load(path, allow_pickle=False)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+      raise ValueError("a single .npy array, not an .npz archive")
+    with archive:
+      return {k: archive[k] for k in archive.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    reason = " ".join(str(e).split()) or type(e).__name__
+    raise UserError(f"Cannot read {path} as a BiT .npz checkpoint ({reason}); the file is "
+                    "corrupt, truncated or not an .npz: download or save it again.") from None
+
+
+def _official_to_flat(arrays: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+  """Official keys -> flax paths, `standardized_conv2d_<n>` normalised, float32 values."""
+  flat = {}
+  for key, value in arrays.items():
+    if not key.startswith(PREFIX):
+      raise UserError(f"{path}: unexpected key {key} (shape {value.shape}) outside "
+                      f"'{PREFIX}'; is this a BiT ResNet-v2 checkpoint?")
+    name = _NUMBERED_CONV.sub("/standardized_conv2d/", key[len(PREFIX):])
+    if name in flat:
+      raise UserError(f"{path}: two keys map to {PREFIX}{name} (one is {key}); keep one.")
+    if not np.issubdtype(value.dtype, np.floating):
+      raise UserError(f"{path}: key {key} has dtype {value.dtype}, expected float32.")
+    flat[name] = value.astype(np.float32, copy=False)
+  return flat
+
+
+def _architecture(flat: dict, source: str) -> tuple[tuple[int, ...], int]:
+  """(units per block, width) from the highest unit number per block and the root width."""
+  root = flat.get("root_block/standardized_conv2d/kernel")
+  if root is None:
+    raise UserError(f"{source}: missing key {PREFIX}root_block/standardized_conv2d/kernel "
+                    "(expected shape (7, 7, 3, 64*width)); not a BiT ResNet-v2 checkpoint.")
+  layers = [0, 0, 0, 0]
+  for name in flat:
+    if match := _UNIT.match(name):
+      block = int(match[1]) - 1
+      layers[block] = max(layers[block], int(match[2]))
+  if 0 in layers:
+    raise UserError(f"{source}: missing every key of {PREFIX}block{layers.index(0) + 1}/; "
+                    "the file is incomplete (a BiT ResNet-v2 has 4 blocks).")
+  return tuple(layers), max(1, root.shape[-1] // 64 if root.ndim else 1)
+
+
+def _head_classes(flat: dict, source: str) -> int:
+  """The head's class count (0 without a head); the kernel decides, its shape is checked later."""
+  if HEAD_KERNEL in flat:
+    return int(flat[HEAD_KERNEL].shape[-1]) if flat[HEAD_KERNEL].ndim else 0
+  if HEAD_BIAS in flat:
+    raise UserError(f"{source}: missing key {PREFIX}{HEAD_KERNEL} next to {PREFIX}{HEAD_BIAS}; "
+                    "keep both head keys or neither.")
+  return 0
+
+
+def _check_layout(flat: dict, layers, width: int, num_classes: int, source: str) -> None:
+  """UserError for the first missing, unexpected or wrongly shaped key (official names)."""
+  model = bit.ResNetV2(num_classes=num_classes, layers=layers, width=width)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  expected = {"/".join(k.key for k in key_path): leaf.shape
+              for key_path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  if HEAD_KERNEL in expected:
+    expected[HEAD_KERNEL] = (1, 1) + expected[HEAD_KERNEL]
+  what = _describe(layers, width) + (f" with a {num_classes}-class head" if num_classes else "")
+  missing = sorted(set(expected) - set(flat))
+  if missing:
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    raise UserError(f"{source}: missing key {PREFIX}{missing[0]} (expected shape "
+                    f"{expected[missing[0]]}){more} for {what}; the file is incomplete.")
+  unexpected = sorted(set(flat) - set(expected))
+  if unexpected:
+    key = unexpected[0]
+    raise UserError(f"{source}: unexpected key {PREFIX}{key} (shape {flat[key].shape}) for "
+                    f"{what}; remove it or use an unmodified checkpoint.")
+  for key, shape in expected.items():
+    if flat[key].shape != shape:
+      raise UserError(f"{source}: key {PREFIX}{key} has shape {flat[key].shape}, expected "
+                      f"{shape} for {what}.")
+
+
+def _unflatten(flat: dict) -> dict:
+  """{"a/b/c": x} -> {"a": {"b": {"c": x}}}, with the head kernel as flax's (C, N)."""
+  tree = {}
+  for name, value in flat.items():
+    if name == HEAD_KERNEL and value.ndim == 4:
+      value = value.reshape(value.shape[2:])
+    *scopes, leaf = name.split("/")
+    node = tree
+    for scope in scopes:
+      node = node.setdefault(scope, {})
+    node[leaf] = value
+  return tree
+
+
+def _model_name(layers, width: int) -> str:
+  depth = {v: k for k, v in bit.DEPTHS.items()}.get(tuple(layers))
+  return f"R{depth}x{width}" if depth else "a custom ResNetV2"
+
+
+def _describe(layers, width: int) -> str:
+  """"R50x1 (layers 3,4,6,3, width 1)", the wording of every architecture message."""
+  return f"{_model_name(layers, width)} (layers {','.join(map(str, layers))}, width {width})"
