@@ -8,6 +8,10 @@ import sys
 
 import pytest
 
+# In-process tests see 8 fake CPU devices (set before JAX initialises its backend).
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CIFAR10 = pathlib.Path(os.environ.get("BIT_CIFAR10", ROOT.parent / "shared" / "data" / "cifar10"))
 
