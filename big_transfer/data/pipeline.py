@@ -21,8 +21,8 @@ from big_transfer.errors import UserError
 
 def _labels(dataset: datasets.Dataset, example: dict) -> tf.Tensor:
   label = example[dataset.label_key]
-  if dataset.multi_label:  # Multi-hot over the label set.
-    return tf.reduce_max(tf.one_hot(label, dataset.num_classes), axis=0)
+  if dataset.multi_label:  # Multi-hot over the label set (which may be empty).
+    return tf.minimum(tf.reduce_sum(tf.one_hot(label, dataset.num_classes), axis=0), 1)
   return tf.one_hot(label, dataset.num_classes)
 
 
