@@ -37,6 +37,9 @@ def test_train_batches_shapes_and_range(digits):
   assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.float32
   assert -1 <= batch["image"].min() < 0 < batch["image"].max() <= 1
   np.testing.assert_array_equal(batch["labels"].sum(axis=1), 1)  # One-hot.
+  unordered = next(pipeline.train_iterator(digits, "train", PP_TRAIN, 32, seed=0,
+                                           deterministic=False))
+  assert unordered["image"].shape == batch["image"].shape
 
 
 def test_resumed_iterator_continues_exactly(digits):
@@ -136,6 +139,17 @@ def test_decode_gives_rgb_for_grayscale_rgba_and_cmyk():
   rgb = _decode(cmyk.getvalue())
   assert rgb.shape == (6, 8, 3) and rgb.dtype == np.uint8
   np.testing.assert_allclose(rgb.reshape(-1, 3).mean(0), (200, 40, 10), atol=12)
+
+
+def test_resize_is_antialiased_resize_either_way():
+  """Antialiasing is skipped when upscaling (faster); the pixels are the same."""
+  for shape, size in (((50, 40, 3), 16), ((12, 20, 3), 32), ((12, 40, 3), 24)):
+    image = tf.random.stateless_uniform(shape, (0, 1), maxval=256, dtype=tf.int32)
+    image = tf.cast(image, tf.uint8)
+    expected = tf.image.resize(image, (size, size), antialias=True)
+    expected = tf.cast(tf.clip_by_value(tf.round(expected), 0, 255), tf.uint8)
+    resized = preprocess.parse(f"resize({size})")({"image": image})["image"]
+    np.testing.assert_array_equal(resized, expected)
 
 
 def test_inception_box_covers_5_to_100_percent_at_aspect_3_4_to_4_3():

@@ -74,9 +74,10 @@ def _read(dataset: datasets.Dataset, split: str, process_index: int, process_cou
     return dataset.builder.as_dataset(split=shard, shuffle_files=shuffle_seed is not None,
                                       read_config=read_config, decoders=decoders)
   num_examples = dataset.num_examples(split)
-  if len(subset) == 0 or subset.min() < 0 or subset.max() >= num_examples:
-    raise UserError(f"Subset positions must be in [0, {num_examples}) for {split!r} and not "
-                     "empty; build them with pipeline.few_shot_subset.")
+  if (len(subset) == 0 or subset[0] < 0 or subset[-1] >= num_examples
+      or np.any(np.diff(subset) <= 0)):
+    raise UserError(f"Subset positions must be sorted, distinct, in [0, {num_examples}) for "
+                     f"{split!r} and not empty; build them with pipeline.few_shot_subset.")
   offset = sum(_shard_sizes(dataset, split, process_count, None)[:process_index])
   local = subset[(subset >= offset) & (subset < offset + dataset.num_examples(shard))] - offset
   if isinstance(dataset.builder, folder.ImageFolder):  # Selects before reading any file.
@@ -146,8 +147,9 @@ def train_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_ba
 
   The order and every random draw depend only on (seed, example position), so batch k is the
   same whether the run started at 0 or resumed at k. `subset` (few_shot_subset) restricts the
-  examples, cached in memory after one pass over the split; `deterministic=False` lets decoding finish out of order (faster, not resumable
-  exactly; the augmentation of each example is unchanged).
+  examples, cached in memory after one pass over the split. `deterministic=False` lets reads
+  and decoding finish out of order: faster, but batches are no longer reproducible (nor the
+  resumption exact, nor the undecodable-file report sure to find the file).
   """
   ds = _read(dataset, split, process_index, process_count, shuffle_seed=seed, subset=subset)
   if cache or subset is not None:  # A subset is small, and reading it again means the split.
