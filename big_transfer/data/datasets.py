@@ -1,4 +1,4 @@
-"""Dataset resolution: TFDS names, the embedded digits and (later) image folders.
+"""Dataset resolution: TFDS names, the embedded digits and image folders ("folder:ROOT").
 
 Everything the trainer needs to know about a dataset (class count, label kind, split sizes)
 comes from here, read from the TFDS metadata rather than from a hand-kept size table.
@@ -8,13 +8,16 @@ import dataclasses
 import difflib
 import os
 
+import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from big_transfer.data import digits
+from big_transfer.data import digits, folder
 from big_transfer.errors import UserError
 
 # Datasets that ship inside an installed package and are prepared on first use.
 EMBEDDED = {"sklearn_digits": digits.SklearnDigits}
+FOLDER_PREFIX = "folder:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +38,48 @@ class Dataset:
       raise UserError(f"Dataset {self.name!r} has no split {split!r}; "
                        f"valid: {', '.join(self.builder.info.splits)}.") from None
 
+  def class_names(self) -> list[str]:
+    feature = self.builder.info.features[self.label_key]
+    return (feature.feature if self.multi_label else feature).names
+
+  def labels(self, split: str) -> np.ndarray:
+    """Every example's label in read order, images not decoded (few-shot selection)."""
+    self.check_split(split)
+    if isinstance(self.builder, folder.ImageFolder):
+      return self.builder.labels(split)
+    ds = self.builder.as_dataset(
+        split=split, decoders=tfds.decode.PartialDecoding({self.label_key: True}),
+        read_config=tfds.ReadConfig(try_autocache=False))
+    batches = ds.batch(8192).as_numpy_iterator()
+    return np.concatenate([b[self.label_key] for b in batches] or [np.zeros(0, np.int64)])
+
+  def image_area(self, split: str) -> int:
+    """Height x width: from the features when fixed, else of the split's first image.
+
+    BiT-HyperRule picks its resolution from it (see preprocess.hyperrule).
+    """
+    height, width = self.builder.info.features["image"].shape[:2]
+    if height is None or width is None:  # Variable-size images (folders, ImageNet).
+      example = next(iter(self.builder.as_dataset(
+          split=split, decoders={"image": tfds.decode.SkipDecoding()})))
+      height, width = tf.io.decode_image(example["image"], expand_animations=False).shape[:2]
+    return int(height) * int(width)
+
 
 def _not_found(name: str) -> UserError:
   known = tfds.list_builders(with_community_datasets=False)
   close = difflib.get_close_matches(name, known, n=3)
   hint = f" Did you mean {', '.join(close)}?" if close else ""
-  return UserError(f"Unknown dataset {name!r}; valid: {', '.join(EMBEDDED)} (embedded) or any "
-                    f"registered TFDS name (tfds.list_builders()).{hint}")
+  return UserError(f"Unknown dataset {name!r}; valid: {', '.join(EMBEDDED)} (embedded), "
+                    f"{FOLDER_PREFIX}ROOT (an image folder) or any registered TFDS name "
+                    f"(tfds.list_builders()).{hint}")
 
 
 def get(name: str, data_dir: str | None = None) -> Dataset:
   """Resolves `name`, preparing embedded datasets; UserError with the fix otherwise."""
+  if name.startswith(FOLDER_PREFIX):
+    builder = folder.ImageFolder(name[len(FOLDER_PREFIX):])
+    return Dataset(name, builder, builder.info.features["label"].num_classes, False, "label")
   data_dir = os.path.expanduser(data_dir) if data_dir else None
   # Checked up front: for an unregistered name TFDS would search cloud storage.
   if name.split(":")[0].split("/")[0] not in tfds.list_builders(with_community_datasets=False):

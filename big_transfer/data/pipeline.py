@@ -1,9 +1,13 @@
 """tf.data input: per-process shards, deterministic augmentation, padded evaluation.
 
 `config.batch_size` is global; the trainer divides it by the process count and hands the
-per-process batch here. Batches are numpy dicts {image, labels[, mask]}.
+per-process batch here. Batches are numpy dicts {image, labels[, mask][, id]}.
+
+Positions: an example's position is its index in the split as read unshuffled; few-shot
+subsets are sets of positions, and the per-process shards are contiguous runs of them.
 """
 
+import itertools
 import math
 from typing import Iterator
 
@@ -11,85 +15,185 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from big_transfer.data import datasets, preprocess
+from big_transfer.data import datasets, folder, preprocess
+from big_transfer.errors import UserError
 
 
 def _labels(dataset: datasets.Dataset, example: dict) -> tf.Tensor:
   label = example[dataset.label_key]
-  if dataset.multi_label:  # Multi-hot over the label set.
-    return tf.reduce_max(tf.one_hot(label, dataset.num_classes), axis=0)
+  if dataset.multi_label:  # Multi-hot over the label set (which may be empty).
+    return tf.minimum(tf.reduce_sum(tf.one_hot(label, dataset.num_classes), axis=0), 1)
   return tf.one_hot(label, dataset.num_classes)
 
 
-def _read(dataset: datasets.Dataset, split: str, process_index: int, process_count: int,
-          *, shuffle_seed: int | None) -> tf.data.Dataset:
+def few_shot_subset(dataset: datasets.Dataset, split: str, shots: int, seed: int) -> np.ndarray:
+  """Sorted positions of `shots` random examples of every class of `split`.
+
+  The same seed gives the same subset on every machine (labels are read, images are not).
+  For BiT-HyperRule its size, shots x classes, stands for the train-split size.
+  """
+  if dataset.multi_label:
+    raise UserError(f"Few-shot needs single-label classes; {dataset.name!r} is multi-label.")
+  if shots < 1:
+    raise UserError(f"Few-shot needs at least 1 example per class, got {shots}.")
+  labels = dataset.labels(split)
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for label, name in enumerate(dataset.class_names()):
+    candidates = np.flatnonzero(labels == label)
+    if len(candidates) < shots:
+      raise UserError(f"Class {name!r} has {len(candidates)} examples in {split!r}, fewer than "
+                       f"{shots} shots; lower the shots or use a larger split.")
+    chosen.append(rng.choice(candidates, shots, replace=False))
+  return np.sort(np.concatenate(chosen))
+
+
+def _shard(split: str, process_index: int, process_count: int):
+  return tfds.split_for_jax_process(split, process_index=process_index,
+                                    process_count=process_count)
+
+
+def _shard_sizes(dataset: datasets.Dataset, split: str, process_count: int,
+                 subset: np.ndarray | None) -> list[int]:
+  sizes = [dataset.num_examples(_shard(split, p, process_count)) for p in range(process_count)]
+  if subset is None:
+    return sizes
+  ends = np.cumsum(sizes)
+  return list(np.diff(np.searchsorted(subset, ends), prepend=0))
+
+
+def _read(dataset: datasets.Dataset, split: str, process_index: int, process_count: int, *,
+          shuffle_seed: int | None, subset: np.ndarray | None = None) -> tf.data.Dataset:
+  """This process's examples with the image still encoded; `subset` keeps only those positions
+  (then read in order: positions are only defined for the unshuffled read)."""
   dataset.check_split(split)
-  local_split = tfds.split_for_jax_process(
-      split, process_index=process_index, process_count=process_count)
-  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, add_tfds_id=False)
-  return dataset.builder.as_dataset(
-      split=local_split, shuffle_files=shuffle_seed is not None, read_config=read_config,
-      decoders={"image": tfds.decode.SkipDecoding()})
+  shard = _shard(split, process_index, process_count)
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, add_tfds_id=True, try_autocache=False)
+  decoders = {"image": tfds.decode.SkipDecoding()}
+  if subset is None:
+    return dataset.builder.as_dataset(split=shard, shuffle_files=shuffle_seed is not None,
+                                      read_config=read_config, decoders=decoders)
+  num_examples = dataset.num_examples(split)
+  if (len(subset) == 0 or subset[0] < 0 or subset[-1] >= num_examples
+      or np.any(np.diff(subset) <= 0)):
+    raise UserError(f"Subset positions must be sorted, distinct, in [0, {num_examples}) for "
+                     f"{split!r} and not empty; build them with pipeline.few_shot_subset.")
+  offset = sum(_shard_sizes(dataset, split, process_count, None)[:process_index])
+  local = subset[(subset >= offset) & (subset < offset + dataset.num_examples(shard))] - offset
+  if isinstance(dataset.builder, folder.ImageFolder):  # Selects before reading any file.
+    return dataset.builder.as_subset(shard, local, decoders=decoders, read_config=read_config)
+  keep = np.zeros(dataset.num_examples(shard), bool)
+  keep[local] = True
+  keep = tf.constant(keep)
+  ds = dataset.builder.as_dataset(split=shard, read_config=read_config, decoders=decoders)
+  return ds.enumerate().filter(lambda i, _: keep[i]).map(lambda _, example: example)
 
 
-def _example_fn(dataset: datasets.Dataset, pp_spec: str, seed: int):
+def _options(deterministic: bool) -> tf.data.Options:
+  options = tf.data.Options()
+  # Order (and so resumption and the undecodable-file report) depends on it; off is faster.
+  options.deterministic = deterministic
+  # Parallelism comes from the parallel map; ops spawning threads of their own oversubscribe.
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _example_fn(dataset: datasets.Dataset, pp_spec: str, seed: int, with_ids: bool = False):
   pp = preprocess.parse(pp_spec)
 
   def fn(index, example):
-    example = pp({"image": example["image"], "_seed": tf.stack([tf.cast(seed, tf.int64), index]),
-                  dataset.label_key: example[dataset.label_key]})
-    return {"image": example["image"], "labels": _labels(dataset, example)}
+    processed = pp({"image": example["image"], dataset.label_key: example[dataset.label_key],
+                    "_seed": tf.stack([tf.cast(seed, tf.int64), index])})
+    out = {"image": processed["image"], "labels": _labels(dataset, processed)}
+    return {**out, "id": example["tfds_id"]} if with_ids else out
 
   return fn
 
 
+def _batches(ds: tf.data.Dataset, stream: tf.data.Dataset, batch_size: int) -> Iterator[dict]:
+  """Numpy batches of `ds`, built from `stream` (position, encoded example) batch by batch.
+
+  An undecodable image stops with a UserError naming its file (found by decoding the failed
+  batch's examples again), not a bare "Invalid JPEG data".
+  """
+  iterator = ds.as_numpy_iterator()
+  for step in itertools.count():
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as error:
+      _raise_undecodable(stream.skip(step * batch_size).take(batch_size), error)
+    yield batch
+
+
+def _raise_undecodable(examples: tf.data.Dataset, error: Exception):
+  for _, example in examples:
+    try:
+      tf.io.decode_image(example["image"], expand_animations=False)
+    except tf.errors.InvalidArgumentError:
+      name = example["tfds_id"].numpy().decode()
+      raise UserError(f"Cannot decode image {name} (corrupt or not an image); replace or delete "
+                       "it.") from None
+  raise error
+
+
 def train_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_batch: int, *,
                    seed: int, start_step: int = 0, shuffle_buffer: int = 10_000,
-                   cache: bool = False, process_index: int = 0,
+                   cache: bool = False, subset: np.ndarray | None = None,
+                   deterministic: bool = True, process_index: int = 0,
                    process_count: int = 1) -> Iterator[dict]:
   """Endless shuffled, augmented batches, positioned at `start_step` for exact resumption.
 
   The order and every random draw depend only on (seed, example position), so batch k is the
-  same whether the run started at 0 or resumed at k.
+  same whether the run started at 0 or resumed at k. `subset` (few_shot_subset) restricts the
+  examples, cached in memory after one pass over the split. `deterministic=False` lets reads
+  and decoding finish out of order: faster, but batches are no longer reproducible (nor the
+  resumption exact, nor the undecodable-file report sure to find the file).
   """
-  ds = _read(dataset, split, process_index, process_count, shuffle_seed=seed)
-  if cache:
+  ds = _read(dataset, split, process_index, process_count, shuffle_seed=seed, subset=subset)
+  if cache or subset is not None:  # A subset is small, and reading it again means the split.
     ds = ds.cache()
-  ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).enumerate()
-  ds = ds.skip(start_step * local_batch)  # Before decoding: skipping costs reads only.
-  ds = ds.map(_example_fn(dataset, pp_spec, seed), num_parallel_calls=tf.data.AUTOTUNE)
+  # A buffer beyond the shard only mixes epochs, and takes that many reads to fill.
+  shard_size = _shard_sizes(dataset, split, process_count, subset)[process_index]
+  stream = ds.repeat().shuffle(min(shuffle_buffer, shard_size), seed=seed,
+                               reshuffle_each_iteration=True)
+  stream = stream.enumerate().skip(start_step * local_batch)  # Skipping costs reads only.
+  ds = stream.map(_example_fn(dataset, pp_spec, seed), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return ds.as_numpy_iterator()
-
-
-def eval_steps(num_examples: int, local_batch: int, process_count: int) -> int:
-  """Batches every process runs so that the largest shard is seen whole."""
-  return math.ceil(math.ceil(num_examples / process_count) / local_batch)
+  return _batches(ds.with_options(_options(deterministic)), stream, local_batch)
 
 
 def eval_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_batch: int, *,
+                  subset: np.ndarray | None = None, with_ids: bool = False,
                   process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
   """Every example of this process's shard exactly once, in batches padded with mask 0.
 
   All processes yield the same number of batches (collectives need it), padding with empty
-  batches where a shard is shorter.
+  batches where a shard is shorter. `with_ids` adds each example's `id` (its file name for
+  image folders, the TFDS id otherwise; b"" in padding).
   """
-  ds = _read(dataset, split, process_index, process_count, shuffle_seed=None).enumerate()
-  ds = ds.map(_example_fn(dataset, pp_spec, seed=0), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
-  steps = eval_steps(dataset.num_examples(split), local_batch, process_count)
-  for batch in ds.as_numpy_iterator():
-    steps -= 1
-    yield _pad(batch, local_batch)
-  empty = {k: np.zeros((0,) + tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype)
+  stream = _read(dataset, split, process_index, process_count, shuffle_seed=None,
+                 subset=subset).enumerate()
+  ds = stream.map(_example_fn(dataset, pp_spec, 0, with_ids), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE).with_options(_options(True))
+  # Every process runs as many batches as the largest shard needs.
+  steps = math.ceil(max(_shard_sizes(dataset, split, process_count, subset)) / local_batch)
+  # Padding batches are shaped like the real ones (the spec may not know the image size).
+  empty = {k: np.zeros([0] + [d or 0 for d in spec.shape[1:]], spec.dtype.as_numpy_dtype)
            for k, spec in ds.element_spec.items()}
+  for batch in _batches(ds, stream, local_batch):
+    steps -= 1
+    empty = {k: v[:0] for k, v in batch.items()}
+    yield _pad(batch, local_batch)
   for _ in range(steps):
     yield _pad(empty, local_batch)
 
 
 def _pad(batch: dict, size: int) -> dict:
   n = len(batch["image"])
-  padded = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
+  padded = {k: np.concatenate([v, np.full((size - n,) + v.shape[1:], b"" if v.dtype == object
+                                          else 0, v.dtype)])
             for k, v in batch.items()}
   padded["mask"] = np.arange(size) < n
   return padded

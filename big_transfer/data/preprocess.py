@@ -9,7 +9,7 @@ sees exactly the images of an uninterrupted one.
 """
 
 import ast
-from typing import Callable
+from typing import Callable, Sequence
 
 import tensorflow as tf
 
@@ -17,6 +17,28 @@ from big_transfer.errors import UserError
 
 Op = Callable[[dict], dict]
 _OPS: dict[str, Callable[..., Op]] = {}
+
+# The upstream (BiT-S/M/L) recipe; decode_jpeg_and_inception_crop decodes only the crop.
+UPSTREAM_TRAIN = "decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1, 1)"
+UPSTREAM_EVAL = "decode|resize(224)|value_range(-1, 1)"
+
+
+def hyperrule(image_area: int, *, flip: bool = True, crop: bool = True,
+              large: Sequence[int] = (448, 384)) -> tuple[str, str]:
+  """BiT-HyperRule's (pp_train, pp_eval) for images of `image_area` pixels.
+
+  Below 96x96: resize 160, random crop 128; else resize/crop `large` (448/384 in the paper,
+  512/480 in the released code). Eval resizes to the crop size. Turn `flip` off where
+  orientation is the label (dSprites orientation/location, SmallNORB azimuth) and `crop` off
+  where position or size is (Clevr count/distance, DMLab, KITTI distance, dSprites location):
+  training then resizes straight to the crop size.
+  """
+  resize_size, crop_size = (160, 128) if image_area < 96 * 96 else tuple(large)
+  train = ["decode", f"resize({resize_size})|random_crop({crop_size})" if crop
+           else f"resize({crop_size})"]
+  train += ["flip_lr"] if flip else []
+  train += ["value_range(-1, 1)"]
+  return "|".join(train), f"decode|resize({crop_size})|value_range(-1, 1)"
 
 
 def register(fn):
@@ -34,7 +56,8 @@ def parse(spec: str) -> Op:
   for part in filter(None, (p.strip() for p in spec.split("|"))):
     name, _, args = part.partition("(")
     if name not in _OPS:
-      raise UserError(f"Unknown preprocessing op {name!r} in {spec!r}; valid: {', '.join(names())}.")
+      raise UserError(f"Unknown preprocessing op {name!r} in {spec!r}; "
+                       f"valid: {', '.join(names())}.")
     args = ast.literal_eval(f"({args.rstrip(')')},)") if args.strip(") ") else ()
     ops.append(_OPS[name](*args))
 
@@ -58,24 +81,34 @@ def _image_op(fn: Callable[[tf.Tensor], tf.Tensor]) -> Op:
 
 @register
 def decode(channels: int = 3) -> Op:
-  """Encoded bytes (or an already decoded image) to uint8 RGB; grayscale, RGBA, CMYK alike."""
+  """Encoded bytes (or an already decoded image) to uint8 RGB; grayscale, RGBA, CMYK alike.
+
+  Alpha is dropped, not composited: transparent pixels keep their stored colour.
+  """
   def fn(image):
     if image.dtype == tf.string:
       image = tf.io.decode_image(image, channels=channels, expand_animations=False)
     elif image.shape[-1] == 1 and channels == 3:
       image = tf.image.grayscale_to_rgb(image)
+    elif image.shape[-1] == 4 and channels == 3:
+      image = image[..., :3]
     return image
   return _image_op(fn)
+
+
+def _resize(image: tf.Tensor, size: int, method: str = "bilinear") -> tf.Tensor:
+  # Antialiasing changes only downscaling; upscaling with it gives the same pixels, 2x slower.
+  resize = lambda aa: lambda: tf.image.resize(image, (size, size), method, antialias=aa)
+  resized = tf.cond(tf.reduce_any(tf.shape(image)[:2] > size), resize(True), resize(False))
+  if image.dtype == tf.uint8:
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+  return resized
 
 
 @register
 def resize(size: int, method: str = "bilinear") -> Op:
   """Resizes to size x size (aspect not kept, as BiT does), keeping the dtype."""
-  def fn(image):
-    dtype = image.dtype
-    image = tf.image.resize(image, (size, size), method=method, antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), dtype) if dtype == tf.uint8 else image
-  return _image_op(fn)
+  return _image_op(lambda image: _resize(image, size, method))
 
 
 @register
@@ -96,19 +129,51 @@ def central_crop(size: int) -> Op:
   return _image_op(fn)
 
 
+def inception_box(image_shape: tf.Tensor, seed: tf.Tensor, area_min: float = 0.05,
+                  area_max: float = 1.0) -> tuple[tf.Tensor, tf.Tensor]:
+  """(offset [y, x], size [h, w]) of a random crop of area_min-area_max of the image's area
+  with aspect (w/h) 3/4-4/3, as in Inception; the whole image when 100 tries all fail."""
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      image_shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, area_range=(area_min, area_max),
+      aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0, use_image_if_no_bounding_boxes=True)
+  return begin[:2], size[:2]
+
+
 @register
 def inception_crop(size: int, area_min: float = 0.05, area_max: float = 1.0) -> Op:
   """Random crop of 5-100% of the area with aspect 3/4-4/3, resized to size x size."""
   def op(example):
     example, seed = _next_seed(example)
     image = example["image"]
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed,
-        area_range=(area_min, area_max), aspect_ratio_range=(3 / 4, 4 / 3),
-        min_object_covered=0, use_image_if_no_bounding_boxes=True)
-    crop = tf.slice(image, begin, crop_size)
-    crop = tf.image.resize(crop, (size, size), antialias=True)
-    return {**example, "image": tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), image.dtype)}
+    begin, crop_size = inception_box(tf.shape(image), seed, area_min, area_max)
+    crop = tf.image.crop_to_bounding_box(image, begin[0], begin[1], crop_size[0], crop_size[1])
+    return {**example, "image": _resize(crop, size)}
+  return op
+
+
+@register
+def decode_jpeg_and_inception_crop(size: int, area_min: float = 0.05,
+                                   area_max: float = 1.0) -> Op:
+  """decode|inception_crop(size) that decodes only the crop's part of a JPEG (upstream speed).
+
+  The crop is the one inception_crop draws from the same seed; non-JPEG bytes (PNG) are
+  decoded whole first.
+  """
+  def op(example):
+    example, seed = _next_seed(example)
+    data = example["image"]
+
+    def jpeg():
+      begin, crop_size = inception_box(tf.image.extract_jpeg_shape(data), seed, area_min, area_max)
+      return tf.image.decode_and_crop_jpeg(data, tf.concat([begin, crop_size], 0), channels=3)
+
+    def other():
+      image = tf.io.decode_image(data, channels=3, expand_animations=False)
+      begin, crop_size = inception_box(tf.shape(image), seed, area_min, area_max)
+      return tf.image.crop_to_bounding_box(image, begin[0], begin[1], crop_size[0], crop_size[1])
+
+    crop = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    return {**example, "image": _resize(crop, size)}
   return op
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks runnable as `python -m big_transfer.benchmarks.NAME`."""
