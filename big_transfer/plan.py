@@ -75,7 +75,7 @@ class Target:
 
 
 def _devices_per_chip(devices) -> int:
-  chips = {getattr(d, "coords", d.id) for d in devices}
+  chips = {tuple(getattr(d, "coords", [d.id])) for d in devices}
   return len(devices) // len(chips)
 
 
@@ -118,6 +118,7 @@ class Memory:
   aliased: int
   temporaries: int
   code: int
+  live_peak: int  # The compiler's heap-simulated peak of simultaneously live buffers.
 
   @property
   def total(self) -> int:
@@ -207,7 +208,7 @@ def compile_step(config: ml_collections.ConfigDict, target: Target) -> Plan:
   stats = compiled.memory_analysis()
   memory = Memory(stats.argument_size_in_bytes, stats.output_size_in_bytes,
                   stats.alias_size_in_bytes, stats.temp_size_in_bytes,
-                  stats.generated_code_size_in_bytes)
+                  stats.generated_code_size_in_bytes, stats.peak_memory_in_bytes)
   return Plan(per_device, seconds, memory, compiled.cost_analysis().get("flops"))
 
 
@@ -242,6 +243,8 @@ def report(config: ml_collections.ConfigDict, target: Target, plan: Plan) -> str
       f"  program      {_gib(m.code):>12}  generated code",
       f"  total        {_gib(m.total):>12}  peak = arguments + outputs - aliased + "
       "temporaries + program",
+      f"  (live peak   {_gib(m.live_peak):>12}  compiler's estimate of buffers live at once; "
+      "the verdict uses total)",
   ]
   if target.hbm_bytes:
     headroom = target.hbm_bytes - m.total
@@ -258,7 +261,7 @@ def report(config: ml_collections.ConfigDict, target: Target, plan: Plan) -> str
   if target.peak_flops:
     step = plan.flops / target.peak_flops
     lines.append(f"At peak ({target.peak_flops / 1e12:.1f} TFLOP/s per device): "
-                 f"{1e3 * step:.1f} ms per step, {config.batch_size / step:,.0f} img/s "
+                 f"{1e3 * step:.3g} ms per step, {config.batch_size / step:,.0f} img/s "
                  f"({plan.batch_per_device / step:,.0f} per device); a bound, real steps are "
                  "slower")
   return "\n".join(lines)
