@@ -287,15 +287,14 @@ def find_max_batch(config: ml_collections.ConfigDict, plan_fn: PlanFn, capacity:
   """The largest per-device batch that fits, and its plan; None if not even the smallest does.
 
   Memory grows about linearly with the batch, so each guess extrapolates the line through
-  the last two compiled points (bisecting until there are two), kept strictly inside the
+  the two largest compiled batches (bisecting until there are two), kept strictly inside the
   bracket (fits, does not fit). Usually 3-5 compiles.
   """
   n = config.batch_size // first.batch_per_device
   unit = config.batch_split  # The per-device batch must divide into the micro-batches.
   plans = {first.batch_per_device: first}
-  fitting = [b for b, p in plans.items() if p.fits(capacity)]
-  lo = first.batch_per_device if fitting else None
-  hi = None if fitting else first.batch_per_device
+  fits = first.fits(capacity)
+  lo, hi = (first.batch_per_device, None) if fits else (None, first.batch_per_device)
   while lo is None or hi is None or hi - lo > unit:
     measured = sorted((b, p.memory.total) for b, p in plans.items() if p.memory)[-2:]
     guess = None
