@@ -30,5 +30,8 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+        # Only for `python -m big_transfer.plan --topology=...` (ahead-of-time TPU compiles with
+        # no TPU attached): the libtpu that jax 0.10.2's own `tpu` extra pins (0.0.42.*).
+        "tpu": ["libtpu==0.0.42.1"],
     },
 )

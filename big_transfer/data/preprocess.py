@@ -190,3 +190,20 @@ def flip_lr() -> Op:
 def value_range(vmin: float = -1.0, vmax: float = 1.0) -> Op:
   """uint8 [0, 255] to float32 [vmin, vmax]."""
   return _image_op(lambda image: vmin + tf.cast(image, tf.float32) * ((vmax - vmin) / 255.0))
+
+
+def output_image_size(spec: str) -> tuple[int, int]:
+  """(height, width) of the images `spec` produces, found by running it on dummy JPEGs.
+
+  The TPU planner compiles the step for this shape. Two input sizes are tried so that a spec
+  whose output follows its input (no resize or crop to a fixed size) is an error, not a guess.
+  """
+  shapes = set()
+  for size in (521, 613):  # Larger than any crop a spec takes without resizing first.
+    jpeg = tf.io.encode_jpeg(tf.zeros((size, size + 3, 3), tf.uint8))
+    example = {"image": jpeg, "_seed": tf.constant([0, 0], tf.int64)}
+    shapes.add(tuple(parse(spec)(example)["image"].shape[:2]))
+  if len(shapes) != 1:
+    raise UserError(f"Preprocessing {spec!r} does not produce one fixed image size; end it "
+                    "with a fixed-size op such as resize(N), random_crop(N) or inception_crop(N).")
+  return shapes.pop()

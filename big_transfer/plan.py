@@ -1,0 +1,422 @@
+"""Plan a TPU pod before renting it: compile the exact training step ahead of time.
+
+    python -m big_transfer.plan --config=configs/bit_l.py --topology=v3:16x16 [--find_max_batch]
+
+The step is `trainer.build(...).train_step` (the one training runs), compiled for the devices
+of `--topology` by libtpu without a TPU attached (`pip install -e '.[tpu]'`), or for the local
+devices without `--topology`. It prints the compiler's per-device memory against the chip's
+HBM, the per-device FLOPs against an analytic count, and the step time at peak. If the step
+does not fit it searches the smallest change that does (batch_split, state_sharding=fsdp,
+model.dtype=bfloat16) and confirms it by compiling again; `--find_max_batch` searches the
+largest per-device batch that fits. Bad input ends with one `error: ...` line.
+"""
+
+import dataclasses
+import importlib.util
+import itertools
+import os
+import sys
+import time
+from typing import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads: quiet C++ logs.
+# Compiling ahead of time uses no TPU, so several planners may share libtpu on one machine.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags, logging
+
+from big_transfer import cli, errors, models, sharding, trainer
+from big_transfer.data import preprocess
+
+TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU topology to compile for, `GENERATION:SHAPE` (v3:16x16, v4:4x4x4, "
+    "v5e:16x16, v5p:8x8x8, v6e:16x16); default: the local devices.")
+FIND_MAX_BATCH = flags.DEFINE_bool(
+    "find_max_batch", False, "Also search the largest per-device batch that fits.")
+HBM_GIB = flags.DEFINE_float(
+    "hbm_gib", None, "Memory per device to plan against, in GiB (default: the TPU table below, "
+    "or the local device's own limit where JAX reports one).")
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Per-chip figures from Google's Cloud TPU documentation (the pages are named below)."""
+  generation: str
+  hbm_bytes: int
+  peak_bf16_flops: float
+
+
+# Keyed by `device.device_kind`. Per-chip figures; a JAX device is a TensorCore on v3 (2 per
+# chip) and a whole chip elsewhere (v4/v5p "megacore"; v5e/v6e have one core), but the device
+# count per chip is read from the topology, not assumed (libtpu's ahead-of-time v4 topologies
+# list both cores of a chip as devices).
+TPU_CHIPS = {
+    "TPU v3": Chip("v3", 32 * GiB, 123e12),  # "TPU v3": 32 GiB HBM2, 123 teraflops (bf16).
+    "TPU v4": Chip("v4", 32 * GiB, 275e12),  # "TPU v4": 32 GiB HBM2, 275 teraflops.
+    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12),  # "TPU v5e": 16 GB, 197 TFLOPs (bf16).
+    "TPU v5": Chip("v5p", 95 * GiB, 459e12),  # "TPU v5p": 95 GB HBM2e, 459 TFLOPs (bf16).
+    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12),  # "TPU v6e" (Trillium): 32 GB, 918 TFLOPs.
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """The devices to compile for, with what one device holds and computes where known."""
+  description: str
+  devices: list
+  hbm_bytes: int | None  # Per device.
+  peak_flops: float | None  # Per device, bf16.
+
+
+def _devices_per_chip(devices) -> int:
+  chips = {tuple(getattr(d, "coords", [d.id])) for d in devices}
+  return len(devices) // len(chips)
+
+
+def _target(description: str, devices, hbm_bytes: int | None) -> Target:
+  chip = TPU_CHIPS.get(devices[0].device_kind)
+  per_chip = _devices_per_chip(devices) if chip else 1
+  peak = chip.peak_bf16_flops / per_chip if chip else None
+  hbm = hbm_bytes or (chip.hbm_bytes // per_chip if chip else None)
+  kind = f"{devices[0].device_kind}, {per_chip} per chip" if chip else devices[0].device_kind
+  return Target(f"{description}: {len(devices)} devices ({kind})", list(devices), hbm, peak)
+
+
+def tpu_target(topology: str, hbm_bytes: int | None = None) -> Target:
+  """The devices of a TPU topology, from libtpu without a TPU; UserError if it cannot."""
+  from jax.experimental import topologies
+  try:
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+  except Exception as e:  # pylint: disable=broad-except
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if importlib.util.find_spec("libtpu") is None:
+      message += " (libtpu is not installed: pip install -e '.[tpu]')"
+    raise errors.UserError(f"Cannot make TPU topology {topology!r}: {message}. "
+                           "Examples: v3:16x16, v4:4x4x4, v5e:16x16, v5p:8x8x8, v6e:16x16.")
+  return _target(topology, devices, hbm_bytes)
+
+
+def local_target(hbm_bytes: int | None = None) -> Target:
+  """This machine's devices; the capacity is JAX's per-device limit when it reports one."""
+  devices = jax.devices()
+  stats = devices[0].memory_stats() or {}
+  return _target(f"local {devices[0].platform}", devices,
+                 hbm_bytes or stats.get("bytes_limit"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """The compiler's per-device buffer sizes (`compiled.memory_analysis()`), bytes."""
+  arguments: int
+  outputs: int
+  aliased: int
+  temporaries: int
+  code: int
+  live_peak: int  # The compiler's heap-simulated peak of simultaneously live buffers.
+
+  @property
+  def total(self) -> int:
+    """Everything live at the step's peak. Outputs aliased to donated inputs (the new state
+    written over the old) occupy the arguments' buffers, so they count once."""
+    return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One compile of the step: its memory, or the compiler's out-of-memory message."""
+  batch_per_device: int
+  compile_seconds: float
+  memory: Memory | None = None
+  flops: float | None = None  # Per device per step, from the compiler.
+  out_of_memory: str | None = None
+
+  def fits(self, capacity: int | None) -> bool:
+    return self.memory is not None and (capacity is None or self.memory.total <= capacity)
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  if not config.get("num_classes"):
+    raise errors.UserError("The config has no num_classes; the planner needs it for the head "
+                           "(set --config.num_classes=N).")
+  return config.num_classes
+
+
+def analytic_train_flops(model_name: str, image_size: tuple[int, int], classes: int) -> float:
+  """Training FLOPs for one image: 2 per multiply-add of every convolution and of the head,
+  x3 for forward + backward (input and weight gradients). Norms, ReLUs and weight
+  standardization are elementwise and left out, as in the usual ResNet counts."""
+  layers, width = models.parse_name(model_name)
+  height, width_px = image_size
+  out = lambda size, kernel, stride, pad: (size + 2 * pad - kernel) // stride + 1
+  macs = 0
+
+  def conv(size, kernel, stride, pad, c_in, c_out):
+    nonlocal macs
+    h, w = out(size[0], kernel, stride, pad), out(size[1], kernel, stride, pad)
+    macs += h * w * kernel * kernel * c_in * c_out
+    return h, w
+
+  size = conv((height, width_px), 7, 2, 3, 3, 64 * width)  # Root conv ...
+  size = out(size[0] + 2, 3, 2, 0), out(size[1] + 2, 3, 2, 0)  # ... and zero-padded max-pool.
+  channels = 64 * width
+  for block, units in enumerate(layers):
+    mid = 64 * width * 2 ** block
+    for unit in range(units):
+      stride = 2 if block and not unit else 1
+      if not unit:
+        conv(size, 1, stride, 0, channels, 4 * mid)  # Shortcut projection.
+      conv(size, 1, 1, 0, channels, mid)
+      next_size = conv(size, 3, stride, 1, mid, mid)
+      conv(next_size, 1, 1, 0, mid, 4 * mid)
+      size, channels = next_size, 4 * mid
+  macs += channels * classes  # Head.
+  return 2.0 * 3 * macs
+
+
+def compile_step(config: ml_collections.ConfigDict, target: Target) -> Plan:
+  """Compiles the training step of `config` for `target`'s devices (no data, no TPU).
+
+  An out-of-memory refusal by the compiler is a result (the step does not fit), not an error.
+  """
+  classes = num_classes(config)
+  height, width = preprocess.output_image_size(config.pp_train)
+  mesh = sharding.make_mesh(target.devices)
+  # num_train_examples only sets schedule constants, which do not change the program's shape.
+  setup = trainer.build(config, mesh, classes, num_train_examples=config.batch_size)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = {
+      "image": jax.ShapeDtypeStruct((config.batch_size, height, width, 3), jnp.float32,
+                                    sharding=batch_sharding),
+      "labels": jax.ShapeDtypeStruct((config.batch_size, classes), jnp.float32,
+                                     sharding=batch_sharding),
+  }
+  per_device = config.batch_size // mesh.size
+  start = time.perf_counter()
+  try:
+    compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return Plan(per_device, time.perf_counter() - start, out_of_memory=str(e).splitlines()[0])
+  seconds = time.perf_counter() - start
+  stats = compiled.memory_analysis()
+  memory = Memory(stats.argument_size_in_bytes, stats.output_size_in_bytes,
+                  stats.alias_size_in_bytes, stats.temp_size_in_bytes,
+                  stats.generated_code_size_in_bytes, stats.peak_memory_in_bytes)
+  return Plan(per_device, seconds, memory, compiled.cost_analysis().get("flops"))
+
+
+def _gib(num_bytes: float) -> str:
+  return f"{num_bytes / GiB:.2f} GiB"
+
+
+def report(config: ml_collections.ConfigDict, target: Target, plan: Plan) -> str:
+  """The human-readable plan: memory against capacity, FLOPs, step time at peak."""
+  size = preprocess.output_image_size(config.pp_train)
+  n = len(target.devices)
+  lines = [
+      f"Config: {config.model.name}, {num_classes(config)} classes, batch {config.batch_size} "
+      f"= {plan.batch_per_device} per device at {size[0]}x{size[1]} px, state_sharding="
+      f"{config.state_sharding}, batch_split={config.batch_split}, "
+      f"model.dtype={config.model.dtype}",
+      f"Target: {target.description}; per device "
+      + (f"{_gib(target.hbm_bytes)} memory" if target.hbm_bytes else "no known memory capacity")
+      + (f", {target.peak_flops / 1e12:.1f} TFLOP/s bf16 peak" if target.peak_flops else ""),
+      f"Compile time: {plan.compile_seconds:.1f} s",
+  ]
+  if plan.memory is None:
+    lines.append(f"DOES NOT FIT: the compiler ran out of memory: {plan.out_of_memory}")
+    return "\n".join(lines)
+  m = plan.memory
+  lines += [
+      "Memory per device (compiler's buffer assignment):",
+      f"  arguments    {_gib(m.arguments):>12}  state (or its shard) + batch shard",
+      f"  outputs      {_gib(m.outputs):>12}  new state + metrics",
+      f"  aliased      {_gib(m.aliased):>12}  outputs written into donated inputs (the state)",
+      f"  temporaries  {_gib(m.temporaries):>12}  activations, gathered params, gradients",
+      f"  program      {_gib(m.code):>12}  generated code",
+      f"  total        {_gib(m.total):>12}  peak = arguments + outputs - aliased + "
+      "temporaries + program",
+      f"  (live peak   {_gib(m.live_peak):>12}  compiler's estimate of buffers live at once; "
+      "the verdict uses total)",
+  ]
+  if target.hbm_bytes:
+    headroom = target.hbm_bytes - m.total
+    verdict = "FITS" if headroom >= 0 else "DOES NOT FIT"
+    lines.append(f"  capacity     {_gib(target.hbm_bytes):>12}  -> {verdict}, headroom "
+                 f"{_gib(headroom)} ({100 * headroom / target.hbm_bytes:.0f}%)")
+  else:
+    lines.append("  capacity     unknown for this device: no fit verdict (use --hbm_gib)")
+  analytic = analytic_train_flops(config.model.name, size, num_classes(config))
+  analytic *= plan.batch_per_device
+  lines.append(f"FLOPs per device per step: compiler {plan.flops:.4g}, analytic {analytic:.4g} "
+               f"(2 x 3 x conv MACs x {plan.batch_per_device} images; ratio "
+               f"{plan.flops / analytic:.2f})")
+  if target.peak_flops:
+    step = plan.flops / target.peak_flops
+    lines.append(f"At peak ({target.peak_flops / 1e12:.1f} TFLOP/s per device): "
+                 f"{1e3 * step:.3g} ms per step, {config.batch_size / step:,.0f} img/s "
+                 f"({plan.batch_per_device / step:,.0f} per device); a bound, real steps are "
+                 "slower")
+  return "\n".join(lines)
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted keys set, as `--config.key=value` flags would."""
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+PlanFn = Callable[[ml_collections.ConfigDict], Plan]
+
+
+def find_max_batch(config: ml_collections.ConfigDict, plan_fn: PlanFn, capacity: int | None,
+                   first: Plan) -> tuple[int, Plan] | None:
+  """The largest per-device batch that fits, and its plan; None if not even the smallest does.
+
+  Memory grows about linearly with the batch, so each guess extrapolates the line through
+  the two largest compiled batches (bisecting until there are two), kept strictly inside the
+  bracket (fits, does not fit). Usually 3-5 compiles.
+  """
+  n = config.batch_size // first.batch_per_device
+  unit = config.batch_split  # The per-device batch must divide into the micro-batches.
+  plans = {first.batch_per_device: first}
+  fits = first.fits(capacity)
+  lo, hi = (first.batch_per_device, None) if fits else (None, first.batch_per_device)
+  while lo is None or hi is None or hi - lo > unit:
+    measured = sorted((b, p.memory.total) for b, p in plans.items() if p.memory)[-2:]
+    guess = None
+    if capacity and len(measured) == 2 and measured[1][1] > measured[0][1]:
+      (b0, m0), (b1, m1) = measured
+      guess = int(b0 + (capacity - m0) * (b1 - b0) / (m1 - m0)) // unit * unit
+    low = lo or 0
+    if guess is None:
+      guess = (low + hi) // 2 // unit * unit if hi else 2 * lo
+    guess = min(max(guess, low + unit), hi - unit if hi else 4 * lo)
+    if guess <= 0:
+      return None
+    plans[guess] = plan_fn(with_overrides(config, {"batch_size": guess * n}))
+    if plans[guess].fits(capacity):
+      lo = guess
+    else:
+      hi = guess
+  return lo, plans[lo]
+
+
+def candidate_changes(config: ml_collections.ConfigDict, batch_per_device: int) -> list[list]:
+  """Groups of overrides that save memory, fewest changed settings first.
+
+  Within a group only batch_split varies, from small to large; memory falls as it grows.
+  fsdp and batch_split keep the step's math; bfloat16 compute changes numerics, so it comes
+  after them among changes of the same size.
+  """
+  splits = [k for k in (2 ** i for i in range(1, 12))
+            if config.batch_split < k <= batch_per_device and batch_per_device % k == 0]
+  switches = []
+  if config.state_sharding != "fsdp":
+    switches.append({"state_sharding": "fsdp"})
+  if config.model.dtype != "bfloat16":
+    switches.append({"model.dtype": "bfloat16"})
+  groups = []
+  for count in range(len(switches) + 1):
+    for chosen in itertools.combinations(switches, count):
+      base = {k: v for switch in chosen for k, v in switch.items()}
+      if base:
+        groups.append([base])
+      if splits:
+        groups.append([{**base, "batch_split": k} for k in splits])
+  # Fewest changes, then exact math first: fsdp < batch_split < bfloat16.
+  return sorted(groups, key=lambda g: (len(g[0]), "model.dtype" in g[0], "batch_split" in g[0]))
+
+
+def suggest(config: ml_collections.ConfigDict, plan_fn: PlanFn, capacity: int | None,
+            batch_per_device: int) -> tuple[dict, Plan] | None:
+  """The smallest change (candidate_changes) whose step fits, confirmed by compiling it.
+
+  Per group one compile of its strongest option rules the whole group out; if it fits, a
+  bisection over batch_split finds the smallest split that does.
+  """
+  for options in candidate_changes(config, batch_per_device):
+    strongest = plan_fn(with_overrides(config, options[-1]))
+    if not strongest.fits(capacity):
+      continue
+    lo, hi, best = -1, len(options) - 1, (options[-1], strongest)  # options[hi] fits.
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      plan = plan_fn(with_overrides(config, options[mid]))
+      if plan.fits(capacity):
+        hi, best = mid, (options[mid], plan)
+      else:
+        lo = mid
+    return best
+  return None
+
+
+def _flags(overrides: dict) -> str:
+  return " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+
+
+def run(config: ml_collections.ConfigDict, target: Target, find_max: bool) -> None:
+  """Plans `config` on `target` and prints the report, a fix if needed, the max batch if asked."""
+  if find_max and not target.hbm_bytes:
+    raise errors.UserError("--find_max_batch needs a memory capacity; this device reports none "
+                           "(pass --hbm_gib=N).")
+  def plan_fn(cfg):
+    plan = compile_step(cfg, target)
+    print(f"  compiled {cfg.batch_size // len(target.devices)}/device, "
+          f"batch_split={cfg.batch_split}, {cfg.state_sharding}, {cfg.model.dtype}: "
+          + (_gib(plan.memory.total) if plan.memory else "out of memory")
+          + f" ({plan.compile_seconds:.0f} s)", flush=True)
+    return plan
+
+  plan = compile_step(config, target)
+  print(report(config, target, plan), flush=True)
+  capacity = target.hbm_bytes
+  if not plan.fits(capacity):
+    print("Searching the smallest change that fits...", flush=True)
+    found = suggest(config, plan_fn, capacity, plan.batch_per_device)
+    if found is None:
+      print("No combination of batch_split, state_sharding=fsdp and model.dtype=bfloat16 "
+            "fits; use a smaller batch_size, model or resolution, or more devices.")
+    else:
+      overrides, fixed = found
+      print(f"Suggestion: {_flags(overrides)}  (re-planned: "
+            f"{_gib(fixed.memory.total)} of {_gib(capacity)} per device)")
+      print(report(with_overrides(config, overrides), target, fixed))
+  if find_max:
+    print("Searching the largest per-device batch that fits...", flush=True)
+    found = find_max_batch(config, plan_fn, capacity, plan)
+    if found is None:
+      print(f"No batch fits with batch_split={config.batch_split}.")
+    else:
+      batch, best = found
+      print(f"Largest per-device batch that fits: {batch} (--config.batch_size="
+            f"{batch * len(target.devices)}; {_gib(best.memory.total)} per device)")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  hbm = int(HBM_GIB.value * GiB) if HBM_GIB.value else None
+  try:
+    target = tpu_target(TOPOLOGY.value, hbm) if TOPOLOGY.value else local_target(hbm)
+    run(cli.CONFIG.value, target, FIND_MAX_BATCH.value)
+  except errors.UserError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
