@@ -34,7 +34,8 @@ def main(argv):
   if not WORKDIR.value:
     sys.exit("error: --workdir=DIR is required (checkpoints and metrics go there).")
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Library INFO logs would drown the progress lines.
+    # Library INFO logs and TF deprecation warnings would drown the progress lines.
+    logging.set_verbosity(logging.ERROR)
   import jax
   if COORDINATOR.value:
     jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)

@@ -19,12 +19,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_transfer import checkpoints, evaluate, losses, metrics, models, optim, sharding
-from big_transfer.data import datasets, pipeline
+from big_transfer.data import datasets, mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
 
 
-def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1):
+def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
+                    mixup_alpha: float = 0.0, seed: int = 0):
   """The update step (state, batch) -> (state, metrics), to be jitted with donation.
+
+  MixUp (alpha > 0) draws from fold_in(key(seed), step): no RNG state to checkpoint, and a
+  resumed run mixes exactly as an uninterrupted one.
 
   With `batch_split` k the batch is processed as k micro-batches whose mean gradients are
   averaged, equal to one pass over the whole batch. A non-finite loss or gradient leaves
@@ -38,6 +42,8 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1)
 
   def step(state, batch):
     params = state["params"]
+    batch = mixup.mixup(jax.random.fold_in(jax.random.key(seed), state["step"]), batch,
+                        mixup_alpha)
     if batch_split == 1:
       loss, grads = loss_and_grads(params, batch["image"], batch["labels"])
     else:
@@ -111,7 +117,8 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
   shardings["step"] = shardings["bad_step"] = sharding.replicated(mesh)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  step = make_train_step(apply_fn, tx, loss_fn, schedule, mesh, config.batch_split)
+  step = make_train_step(apply_fn, tx, loss_fn, schedule, mesh, config.batch_split,
+                         config.mixup_alpha, config.seed)
   train_step = jax.jit(
       step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -176,77 +183,84 @@ def _num_classes(config, dataset) -> int:
   return dataset.num_classes
 
 
+def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
+  """Steps from the state's step to the end; returns (state, preempted)."""
+  start_step = int(jax.device_get(state["step"]))
+  progress = metrics.Progress(setup.total_steps, config.batch_size, start_step)
+  preemption = _Preemption()
+  for step in range(start_step + 1, setup.total_steps + 1):
+    state, step_metrics = setup.train_step(state, sharding.to_global(next(batches), mesh))
+    is_last = step == setup.total_steps
+    if step % config.log_every_steps == 0 or is_last:
+      _check_finite(state, ckpt.latest_step())
+      scalars = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
+      scalars.update(progress.report(step))
+      writer.write(step, scalars)
+      metrics.log(f"step {step}/{setup.total_steps}: loss {scalars['train/loss']:.4f} "
+                  f"lr {scalars['train/lr']:.4g} {scalars['img_per_sec']:.1f} img/s "
+                  f"ETA {metrics.format_eta(scalars['eta_sec'])}")
+    preempted = preemption.reached(step)
+    if step % ckpt.every_steps == 0 or is_last or preempted:
+      _check_finite(state, ckpt.latest_step())
+      ckpt.save(step, state)
+    if preempted:
+      metrics.log(f"Preempted (SIGTERM): saved step {step}; rerun the same command to resume.")
+      return state, True
+    if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
+      evaluate_fn(step, state["params"])
+  return state, False
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics."""
+  """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics
+  (empty when preempted). Checkpoints being written are completed whatever happens."""
   mesh = sharding.make_mesh()
   dataset = datasets.get(config.dataset, config.data_dir)
   dataset.check_split(config.train_split)
   dataset.check_split(config.eval_split)
   setup = build(config, mesh, _num_classes(config, dataset),
                 dataset.num_examples(config.train_split))
-  total_steps = setup.total_steps
   local_batch = config.batch_size // jax.process_count()
 
   with jax.set_mesh(mesh):
-    # ---- State: restored or fresh ---------------------------------------------------------
     ckpt = checkpoints.Manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    state = ckpt.restore(setup.abstract_state)
-    if state is None:
-      state = setup.init(jax.random.key(config.seed))
-    start_step = int(jax.device_get(state["step"]))
-    num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
-    metrics.log(f"{config.model.name}: {num_params:,} parameters; {dataset.name} "
-                f"{dataset.num_examples(config.train_split):,} train images, "
-                f"{dataset.num_classes} classes; batch {config.batch_size} over "
-                f"{jax.device_count()} devices ({jax.process_count()} processes); "
-                f"{total_steps} steps.")
-
     writer = metrics.Writer(workdir)
-    eval_step = evaluate.make_classification_step(setup.apply_fn, setup.loss_fn)
+    try:
+      state = ckpt.restore(setup.abstract_state)
+      if state is None:
+        state = setup.init(jax.random.key(config.seed))
+      start_step = int(jax.device_get(state["step"]))
+      num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
+      metrics.log(f"{config.model.name}: {num_params:,} parameters; {dataset.name} "
+                  f"{dataset.num_examples(config.train_split):,} train images, "
+                  f"{dataset.num_classes} classes; batch {config.batch_size} over "
+                  f"{jax.device_count()} devices ({jax.process_count()} processes); "
+                  f"{setup.total_steps} steps.")
+      eval_step = evaluate.make_classification_step(setup.apply_fn, setup.loss_fn)
 
-    def run_eval(step):
-      batches = pipeline.eval_iterator(
-          dataset, config.eval_split, config.pp_eval, local_batch,
-          process_index=jax.process_index(), process_count=jax.process_count())
-      result = evaluate.classification(eval_step, state["params"], batches, mesh)
-      writer.write(step, {f"eval/{k}": v for k, v in result.items()})
-      metrics.log(f"step {step}: eval {config.eval_split} accuracy "
-                  f"{100 * result['accuracy']:.2f}% over {int(result['count'])} images, "
-                  f"loss {result['loss']:.4f}")
-      return result
+      def run_eval(step, params):
+        batches = pipeline.eval_iterator(
+            dataset, config.eval_split, config.pp_eval, local_batch,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        result = evaluate.classification(eval_step, params, batches, mesh)
+        writer.write(step, {f"eval/{k}": v for k, v in result.items()})
+        metrics.log(f"step {step}: eval {config.eval_split} accuracy "
+                    f"{100 * result['accuracy']:.2f}% over {int(result['count'])} images, "
+                    f"loss {result['loss']:.4f}")
+        return result
 
-    # ---- Training loop --------------------------------------------------------------------
-    if start_step >= total_steps:
-      metrics.log(f"Run already finished ({start_step}/{total_steps} steps); not retraining.")
-    else:
-      batches = _train_batches(config, dataset, start_step)
-      progress = metrics.Progress(total_steps, config.batch_size, start_step)
-      preemption = _Preemption()
-      for step in range(start_step + 1, total_steps + 1):
-        state, step_metrics = setup.train_step(state, sharding.to_global(next(batches), mesh))
-        is_last = step == total_steps
-        if step % config.log_every_steps == 0 or is_last:
-          _check_finite(state, ckpt.latest_step())
-          scalars = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
-          scalars.update(progress.report(step))
-          writer.write(step, scalars)
-          metrics.log(f"step {step}/{total_steps}: loss {scalars['train/loss']:.4f} "
-                      f"lr {scalars['train/lr']:.4g} {scalars['img_per_sec']:.1f} img/s "
-                      f"ETA {metrics.format_eta(scalars['eta_sec'])}")
-        preempted = preemption.reached(step)
-        if step % ckpt.every_steps == 0 or is_last or preempted:
-          _check_finite(state, ckpt.latest_step())
-          ckpt.save(step, state)
+      if start_step >= setup.total_steps:
+        metrics.log(f"Run already finished ({start_step}/{setup.total_steps} steps); "
+                    "not retraining.")
+      else:
+        state, preempted = _train_loop(config, setup, state,
+                                       _train_batches(config, dataset, start_step), mesh,
+                                       ckpt, writer, run_eval)
         if preempted:
-          ckpt.close()
-          writer.close()
-          metrics.log(f"Preempted (SIGTERM): saved step {step}; rerun the same command to "
-                      "resume.")
           return {}
-        if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
-          run_eval(step)
-    ckpt.close()
-    result = run_eval(total_steps)
-    writer.close()
+      result = run_eval(setup.total_steps, state["params"])
+    finally:
+      ckpt.close()
+      writer.close()
   metrics.log(f"Final {config.eval_split} accuracy: {100 * result['accuracy']:.2f}%")
   return result

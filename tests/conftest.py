@@ -39,10 +39,15 @@ def data_dir(tmp_path_factory):
   return str(path)
 
 
+def train_env(devices: int) -> dict[str, str]:
+  """The environment of a trainer subprocess with `devices` fake CPU devices."""
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+          "JAX_PLATFORMS": "cpu"}
+
+
 def run_train(workdir, *flags, devices: int = 1, check: bool = True):
   """Runs `python -m big_transfer.train` with the demo config; returns the CompletedProcess."""
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         "JAX_PLATFORMS": "cpu"}
+  env = train_env(devices)
   cmd = [sys.executable, "-m", "big_transfer.train", f"--config={ROOT}/configs/demo.py",
          f"--workdir={workdir}", *flags]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -4,7 +4,6 @@ different device counts, micro-batching and state sharding gives the same traini
 import itertools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
