@@ -14,6 +14,7 @@ import pytest
 
 from big_transfer import plan
 from conftest import ROOT
+from configs import demo
 
 GiB = plan.GiB
 # R14x1 at 16 px, batch 16: compiles in seconds on an idle CPU.
@@ -130,3 +131,15 @@ def test_tpu_topology_end_to_end():
   assert "v3:2x2: 8 devices (TPU v3, 2 per chip)" in out
   assert "16.00 GiB memory, 61.5 TFLOP/s bf16 peak" in out
   assert "-> FITS" in out and "img/s" in out
+
+
+def test_compiler_flops_count_every_micro_batch():
+  """XLA counts a scanned loop body once; the plan scales it by batch_split. That also
+  multiplies the per-step work outside the loop (weight standardization, the optimizer), so
+  the scaled figure lies between the unsplit step's and batch_split times it."""
+  config = plan.with_overrides(demo.get_config(), {
+      "model.name": "R14x1", "batch_size": 16,
+      "pp_train": "decode|resize(18)|random_crop(16)|flip_lr|value_range(-1, 1)"})
+  whole = plan.compile_step(config, plan.local_target())
+  split = plan.compile_step(plan.with_overrides(config, {"batch_split": 2}), plan.local_target())
+  assert 0.9 < split.flops / whole.flops < 2, (split.flops, whole.flops)
