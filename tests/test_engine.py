@@ -4,13 +4,15 @@ different device counts, micro-batching and state sharding gives the same traini
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from big_transfer import sharding, trainer
+from big_transfer import evaluate, losses, models, sharding, trainer
 from big_transfer.data import datasets, pipeline
 from configs import demo
+from conftest import CIFAR10
 
 STEPS = 20
 
@@ -94,3 +96,23 @@ def test_batch_split_must_divide_the_device_batch():
   mesh = sharding.make_mesh()
   with pytest.raises(ValueError, match="batch_split 3 must divide the per-device batch 4"):
     trainer.build(_config(batch_split=3), mesh, num_classes=10, num_train_examples=1437)
+
+
+@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"shared CIFAR-10 images not found at {CIFAR10}")
+@pytest.mark.parametrize("batch", [64, 333])
+def test_evaluation_counts_every_cifar10_test_image_on_1_and_8_devices(batch):
+  cifar10 = datasets.get(f"folder:{CIFAR10}")
+  model = models.get_model("R14x1", 10)
+  for num_devices in (1, 8):
+    mesh = sharding.make_mesh(jax.devices()[:num_devices])
+    # A global batch must split over the devices: 333 is padded to 336 on 8 (masked slots).
+    global_batch = -(-batch // num_devices) * num_devices
+    with jax.set_mesh(mesh):
+      params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+      step = evaluate.make_classification_step(
+          lambda p, x: model.apply({"params": p}, x), losses.softmax_xent)
+      batches = pipeline.eval_iterator(cifar10, "test", "decode|resize(16)|value_range(-1, 1)",
+                                       global_batch)
+      result = evaluate.classification(step, params, batches, mesh)
+    assert result["count"] == 2000, (batch, num_devices)
+    assert result["accuracy"] == pytest.approx(0.1, abs=1e-9)  # Zero head: argmax is class 0.
