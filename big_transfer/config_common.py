@@ -84,3 +84,15 @@ def upstream(model: str, *, dataset: str, num_classes: int, loss: str, total_epo
   config.schedule.warmup_steps = 5000
   config.schedule.decay_epochs = decay_epochs
   return config
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted keys set, as `--config.key=value` flags would."""
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
-from big_transfer import cli, errors, models, sharding, trainer
+from big_transfer import cli, config_common, errors, models, sharding, trainer
 from big_transfer.data import preprocess
 
 TOPOLOGY = flags.DEFINE_string(
@@ -276,18 +276,6 @@ def report(config: ml_collections.ConfigDict, target: Target, plan: Plan) -> str
   return "\n".join(lines)
 
 
-def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-  """A copy of `config` with dotted keys set, as `--config.key=value` flags would."""
-  config = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
-
-
 PlanFn = Callable[[ml_collections.ConfigDict], Plan]
 
 
@@ -316,7 +304,7 @@ def find_max_batch(config: ml_collections.ConfigDict, plan_fn: PlanFn, capacity:
     guess = min(max(guess, low + unit), hi - unit if hi else 4 * lo)
     if guess <= 0:
       return None
-    plans[guess] = plan_fn(with_overrides(config, {"batch_size": guess * n}))
+    plans[guess] = plan_fn(config_common.with_overrides(config, {"batch_size": guess * n}))
     if plans[guess].fits(capacity):
       lo = guess
     else:
@@ -358,13 +346,13 @@ def suggest(config: ml_collections.ConfigDict, plan_fn: PlanFn, capacity: int | 
   bisection over batch_split finds the smallest split that does.
   """
   for options in candidate_changes(config, batch_per_device):
-    strongest = plan_fn(with_overrides(config, options[-1]))
+    strongest = plan_fn(config_common.with_overrides(config, options[-1]))
     if not strongest.fits(capacity):
       continue
     lo, hi, best = -1, len(options) - 1, (options[-1], strongest)  # options[hi] fits.
     while hi - lo > 1:
       mid = (lo + hi) // 2
-      plan = plan_fn(with_overrides(config, options[mid]))
+      plan = plan_fn(config_common.with_overrides(config, options[mid]))
       if plan.fits(capacity):
         hi, best = mid, (options[mid], plan)
       else:
@@ -403,7 +391,7 @@ def run(config: ml_collections.ConfigDict, target: Target, find_max: bool) -> No
       overrides, fixed = found
       print(f"Suggestion: {_flags(overrides)}  (re-planned: "
             f"{_gib(fixed.memory.total)} of {_gib(capacity)} per device)")
-      print(report(with_overrides(config, overrides), target, fixed))
+      print(report(config_common.with_overrides(config, overrides), target, fixed))
   if find_max:
     print("Searching the largest per-device batch that fits...", flush=True)
     found = find_max_batch(config, plan_fn, capacity, plan)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from big_transfer import evaluate, losses, models, sharding, trainer
+from big_transfer import config_common, evaluate, losses, models, sharding, trainer
 from big_transfer.data import datasets, pipeline
 from configs import demo
 from conftest import CIFAR10
@@ -29,13 +29,7 @@ def _config(**overrides):
   config.schedule.warmup_steps = 5
   config.schedule.decay_epochs = None
   config.schedule.decay_steps = (15,)
-  for key, value in overrides.items():
-    parent = config
-    *path, leaf = key.split(".")
-    for name in path:
-      parent = parent[name]
-    parent[leaf] = value
-  return config
+  return config_common.with_overrides(config, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from big_transfer import plan
+from big_transfer import config_common, plan
 from conftest import ROOT
 from configs import demo
 
@@ -61,7 +61,7 @@ def _config():
   spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "demo.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return plan.with_overrides(module.get_config(), {"batch_size": 64})
+  return config_common.with_overrides(module.get_config(), {"batch_size": 64})
 
 
 def test_find_max_batch_takes_few_compiles():
@@ -137,9 +137,9 @@ def test_compiler_flops_count_every_micro_batch():
   """XLA counts a scanned loop body once; the plan scales it by batch_split. That also
   multiplies the per-step work outside the loop (weight standardization, the optimizer), so
   the scaled figure lies between the unsplit step's and batch_split times it."""
-  config = plan.with_overrides(demo.get_config(), {
+  config = config_common.with_overrides(demo.get_config(), {
       "model.name": "R14x1", "batch_size": 16,
       "pp_train": "decode|resize(18)|random_crop(16)|flip_lr|value_range(-1, 1)"})
   whole = plan.compile_step(config, plan.local_target())
-  split = plan.compile_step(plan.with_overrides(config, {"batch_split": 2}), plan.local_target())
+  split = plan.compile_step(config_common.with_overrides(config, {"batch_split": 2}), plan.local_target())
   assert 0.9 < split.flops / whole.flops < 2, (split.flops, whole.flops)
