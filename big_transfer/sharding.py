@@ -22,9 +22,12 @@ FSDP_MIN_SIZE = 2 ** 14  # Smaller arrays (GN scales, biases) stay replicated: n
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A one-axis mesh over `devices` (default: every device of every process)."""
+  # Auto axes: XLA propagates the FSDP parameter shardings through the convolutions (explicit
+  # axes, jax.make_mesh's default, would demand an out_sharding on every sharded op).
+  auto = (jax.sharding.AxisType.Auto,)
   if devices is None:
-    return jax.make_mesh((jax.device_count(),), (DATA,))
-  return jax.sharding.Mesh(np.asarray(devices), (DATA,))
+    return jax.make_mesh((jax.device_count(),), (DATA,), axis_types=auto)
+  return jax.sharding.Mesh(np.asarray(devices), (DATA,), axis_types=auto)
 
 
 def _fsdp_spec(shape: tuple[int, ...], n: int) -> P:
