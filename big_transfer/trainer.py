@@ -153,14 +153,13 @@ def _check_finite(state, last_checkpoint: int | None) -> None:
                         "Lower --config.lr or check the data, then rerun.")
 
 
-def _train_batches(config, dataset, start_step: int):
+def _train_batches(config, dataset, local_batch: int, start_step: int):
   """This process's share of each global batch, positioned at `start_step`.
 
   `input_sharding="process"` (default): each process reads its own shard of the split.
   `"global"`: every process reads the whole stream and keeps its rows of each global batch,
   so the batches do not depend on the process count (reproducibility checks; costs I/O).
   """
-  local_batch = config.batch_size // jax.process_count()
   kwargs = dict(seed=config.seed, start_step=start_step, shuffle_buffer=config.shuffle_buffer,
                 cache=config.cache)
   if config.input_sharding == "process":
@@ -253,9 +252,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         metrics.log(f"Run already finished ({start_step}/{setup.total_steps} steps); "
                     "not retraining.")
       else:
-        state, preempted = _train_loop(config, setup, state,
-                                       _train_batches(config, dataset, start_step), mesh,
-                                       ckpt, writer, run_eval)
+        batches = _train_batches(config, dataset, local_batch, start_step)
+        state, preempted = _train_loop(config, setup, state, batches, mesh, ckpt, writer,
+                                       run_eval)
         if preempted:
           return {}
       result = run_eval(setup.total_steps, state["params"])
