@@ -13,7 +13,8 @@ from absl import flags
 from ml_collections import config_dict, config_flags
 
 CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, `configs/NAME.py[:arg]`; override fields with --config.key=value.",
+    "config", None,
+    "Config file, `configs/NAME.py[:arg]`; override fields with --config.key=value.",
     lock_config=True)
 
 

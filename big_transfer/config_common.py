@@ -35,6 +35,7 @@ def base() -> ml_collections.ConfigDict:
   # Optimization. Durations: <name>_steps, _examples or _epochs (the first one set wins).
   config.loss = "softmax_xent"
   config.batch_size = 4096  # Global, over all devices of all processes.
+  config.eval_batch_size = config_dict.placeholder(int)  # Global; unset: batch_size.
   config.batch_split = 1  # Gradient accumulation over this many micro-batches.
   config.state_sharding = "replicated"  # Or "fsdp": parameters split over the devices.
   config.total_steps = config_dict.placeholder(int)

@@ -8,8 +8,9 @@ Schedule convention (0-based update index s, the value the update at s uses):
 so the first update already has lr = base / warmup (the official code's first update had
 lr = 0, big_transfer issue #58). Stair decay multiplies by `decay_factor` once for each
 boundary b <= s, i.e. "/10 after b updates" (optax.piecewise_constant_schedule); cosine
-decays from the end of warmup to 0 at `total_steps`. base = config.lr * batch_size / lr_batch_ref (BiT: 0.03 per 256 upstream,
-0.003 per 512 in transfer); lr_batch_ref = 0 disables the scaling.
+decays from the end of warmup to 0 at `total_steps`. base = config.lr * batch_size /
+lr_batch_ref (BiT: 0.03 per 256 upstream, 0.003 per 512 in transfer); lr_batch_ref = 0
+disables the scaling.
 """
 
 import dataclasses

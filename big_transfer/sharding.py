@@ -57,11 +57,11 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
-def check_batch_size(global_batch: int, num_devices: int) -> None:
-  """UserError unless the global batch splits evenly over the devices."""
+def check_batch_size(global_batch: int, num_devices: int, key: str = "batch_size") -> None:
+  """UserError unless the global batch (config `key`) splits evenly over the devices."""
   if global_batch % num_devices:
-    raise UserError(f"batch_size {global_batch} is not divisible by the {num_devices} devices; "
-                    f"use a multiple of {num_devices} (e.g. --config.batch_size="
+    raise UserError(f"{key} {global_batch} is not divisible by the {num_devices} devices; "
+                    f"use a multiple of {num_devices} (e.g. --config.{key}="
                     f"{max(num_devices, global_batch // num_devices * num_devices)}).")
 
 

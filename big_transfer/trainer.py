@@ -6,6 +6,7 @@ planner compiles exactly the step that training runs. Every process runs the sam
 only process 0 writes logs and metrics, all take part in checkpoints.
 """
 
+import contextlib
 import dataclasses
 import signal
 from typing import Any, Callable
@@ -126,13 +127,22 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
                jax.jit(init_state, out_shardings=shardings), train_step)
 
 
-class _Preemption:
-  """SIGTERM (a preemption notice) -> save and exit cleanly at a step all processes agree on."""
+class _Preemption(contextlib.AbstractContextManager):
+  """SIGTERM (a preemption notice) -> save and exit cleanly at a step all processes agree on.
+
+  The previous handler is restored on exit, so `run` called from a notebook or a test leaves
+  the process's signal handling as it found it.
+  """
 
   def __init__(self):
     self._signalled = False
+    self._previous = None
     if jax.process_count() == 1:  # Multi-process: jax.distributed's sync manager has it.
-      signal.signal(signal.SIGTERM, self._handle)
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def __exit__(self, *exc_info):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -186,27 +196,28 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
   """Steps from the state's step to the end; returns (state, preempted)."""
   start_step = int(jax.device_get(state["step"]))
   progress = metrics.Progress(setup.total_steps, config.batch_size, start_step)
-  preemption = _Preemption()
-  for step in range(start_step + 1, setup.total_steps + 1):
-    state, step_metrics = setup.train_step(state, sharding.to_global(next(batches), mesh))
-    is_last = step == setup.total_steps
-    if step % config.log_every_steps == 0 or is_last:
-      _check_finite(state, ckpt.latest_step())
-      scalars = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
-      scalars.update(progress.report(step))
-      writer.write(step, scalars)
-      metrics.log(f"step {step}/{setup.total_steps}: loss {scalars['train/loss']:.4f} "
-                  f"lr {scalars['train/lr']:.4g} {scalars['img_per_sec']:.1f} img/s "
-                  f"ETA {metrics.format_eta(scalars['eta_sec'])}")
-    preempted = preemption.reached(step)
-    if step % ckpt.every_steps == 0 or is_last or preempted:
-      _check_finite(state, ckpt.latest_step())
-      ckpt.save(step, state)
-    if preempted:
-      metrics.log(f"Preempted (SIGTERM): saved step {step}; rerun the same command to resume.")
-      return state, True
-    if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
-      evaluate_fn(step, state["params"])
+  with _Preemption() as preemption:
+    for step in range(start_step + 1, setup.total_steps + 1):
+      state, step_metrics = setup.train_step(state, sharding.to_global(next(batches), mesh))
+      is_last = step == setup.total_steps
+      if step % config.log_every_steps == 0 or is_last:
+        _check_finite(state, ckpt.latest_step())
+        scalars = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
+        scalars.update(progress.report(step))
+        writer.write(step, scalars)
+        metrics.log(f"step {step}/{setup.total_steps}: loss {scalars['train/loss']:.4f} "
+                    f"lr {scalars['train/lr']:.4g} {scalars['img_per_sec']:.1f} img/s "
+                    f"ETA {metrics.format_eta(scalars['eta_sec'])}")
+      preempted = preemption.reached(step)
+      if step % ckpt.every_steps == 0 or is_last or preempted:
+        _check_finite(state, ckpt.latest_step())
+        ckpt.save(step, state)
+      if preempted:
+        metrics.log(f"Preempted (SIGTERM): saved step {step}; rerun the same command to "
+                    "resume.")
+        return state, True
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
+        evaluate_fn(step, state["params"])
   return state, False
 
 
@@ -220,6 +231,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   setup = build(config, mesh, _num_classes(config, dataset),
                 dataset.num_examples(config.train_split))
   local_batch = config.batch_size // jax.process_count()
+  eval_batch = config.eval_batch_size or config.batch_size
+  sharding.check_batch_size(eval_batch, mesh.size, "eval_batch_size")
+  local_eval_batch = eval_batch // jax.process_count()
 
   with jax.set_mesh(mesh):
     ckpt = checkpoints.Manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
@@ -239,7 +253,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
       def run_eval(step, params):
         batches = pipeline.eval_iterator(
-            dataset, config.eval_split, config.pp_eval, local_batch,
+            dataset, config.eval_split, config.pp_eval, local_eval_batch,
             process_index=jax.process_index(), process_count=jax.process_count())
         result = evaluate.classification(eval_step, params, batches, mesh)
         writer.write(step, {f"eval/{k}": v for k, v in result.items()})
