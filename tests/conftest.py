@@ -1,33 +1,47 @@
 """Shared test fixtures. Tests run on the CPU; trainer runs go through subprocesses so each
 can choose its own fake device count (XLA_FLAGS must be set before JAX starts)."""
 
+import atexit
+import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 # In-process tests see 8 fake CPU devices (set before JAX initialises its backend).
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiling dominates these tiny runs (~10 s per program on XLA:CPU, threefry init included), and
+# many trainer subprocesses compile the same programs: a persistent compilation cache, one per
+# pytest process (jax's cache files are not written atomically) and inherited by its subprocesses.
+_CACHE = tempfile.mkdtemp(prefix="bit_jax_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CIFAR10 = pathlib.Path(os.environ.get("BIT_CIFAR10", ROOT.parent / "shared" / "data" / "cifar10"))
 
-# A tiny model and run for trainer tests: R14x1 at 16 px, 4 steps of 16 images.
-TINY = [
-    "--config.model.name=R14x1",
-    "--config.pp_train=decode|resize(18)|random_crop(16)|flip_lr|value_range(-1, 1)",
-    "--config.pp_eval=decode|resize(16)|value_range(-1, 1)",
-    "--config.batch_size=16",
-    "--config.total_steps=4",
-    "--config.schedule.warmup_steps=2",
-    "--config.schedule.decay_epochs=(1,)",
-    "--config.log_every_steps=2",
-    "--config.checkpoint_every_steps=2",
-    "--config.eval_every_steps=0",
-]
+# A tiny model and run for trainer tests: R14x1 at 16 px, 4 steps of 16 images; evaluation in
+# batches of 64 (360 test images: the last batch is padded).
+TINY_CONFIG = {
+    "model.name": "R14x1",
+    "pp_train": "decode|resize(18)|random_crop(16)|flip_lr|value_range(-1, 1)",
+    "pp_eval": "decode|resize(16)|value_range(-1, 1)",
+    "batch_size": 16,
+    "eval_batch_size": 64,
+    "total_steps": 4,
+    "schedule.warmup_steps": 2,
+    "schedule.decay_epochs": (1,),
+    "log_every_steps": 2,
+    "checkpoint_every_steps": 2,
+    "eval_every_steps": 0,
+}
+TINY = [f"--config.{key}={value}" for key, value in TINY_CONFIG.items()]  # The same as flags.
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +59,12 @@ def train_env(devices: int) -> dict[str, str]:
           "JAX_PLATFORMS": "cpu"}
 
 
+def logged_losses(workdir) -> dict[int, float]:
+  """{step: train loss} from a run's metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+
+
 def run_train(workdir, *flags, devices: int = 1, check: bool = True):
   """Runs `python -m big_transfer.train` with the demo config; returns the CompletedProcess."""
   env = train_env(devices)
@@ -54,3 +74,16 @@ def run_train(workdir, *flags, devices: int = 1, check: bool = True):
   if check and proc.returncode:
     raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
   return proc
+
+
+# The slowest files first: pytest-xdist (`-n`, one file per worker at a time) then balances the
+# rest of the suite around them.
+_SLOWEST_FIRST = ("test_resilience.py", "test_upstream.py", "test_engine.py", "test_train.py",
+                  "test_plan.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return _SLOWEST_FIRST.index(name) if name in _SLOWEST_FIRST else len(_SLOWEST_FIRST)
+  items.sort(key=rank)  # Stable: the order within each file is kept.

@@ -2,6 +2,8 @@
 different device counts, micro-batching and state sharding gives the same training."""
 
 import itertools
+import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from big_transfer import config_common, evaluate, losses, models, sharding, trainer
 from big_transfer.data import datasets, pipeline
+from big_transfer.errors import UserError
 from configs import demo
 from conftest import CIFAR10
 
@@ -39,7 +42,14 @@ def batches(data_dir):
       digits, "train", _config().pp_train, 32, seed=0, shuffle_buffer=500), STEPS))
 
 
-def _train(config, batches, num_devices=8):
+class Run(NamedTuple):
+  losses: np.ndarray
+  grad_norms: np.ndarray
+  state: dict
+  setup: trainer.Setup
+
+
+def _train(config, batches, num_devices=8) -> Run:
   mesh = sharding.make_mesh(jax.devices()[:num_devices])
   setup = trainer.build(config, mesh, num_classes=10, num_train_examples=1437)
   with jax.set_mesh(mesh):
@@ -49,41 +59,53 @@ def _train(config, batches, num_devices=8):
       state, metrics = setup.train_step(state, sharding.to_global(batch, mesh))
       losses.append(float(metrics["loss"]))
       grad_norms.append(float(metrics["grad_norm"]))
-  setup.grad_norms = np.array(grad_norms)
-  return np.array(losses), jax.device_get(state), setup
+  return Run(np.array(losses), np.array(grad_norms), jax.device_get(state), setup)
 
 
-def test_one_device_equals_eight(batches):
-  one, state1, _ = _train(_config(), batches, num_devices=1)
-  eight, state8, _ = _train(_config(), batches, num_devices=8)
-  assert one[-1] < one[0]  # It learns.
-  np.testing.assert_allclose(eight, one, rtol=1e-5)
+@pytest.fixture(scope="module")
+def replicated(batches):
+  """The reference: 8 devices, replicated state, whole batches (shared by the comparisons)."""
+  return _train(_config(), batches)
+
+
+def test_one_device_equals_eight(batches, replicated):
+  one = _train(_config(), batches, num_devices=1)
+  assert one.losses[-1] < one.losses[0]  # It learns.
+  np.testing.assert_allclose(replicated.losses, one.losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               state8["params"], state1["params"])
+               replicated.state["params"], one.state["params"])
 
 
-def test_batch_split_equals_whole_batch(batches):
-  whole, _, _ = _train(_config(), batches)
-  split, _, _ = _train(_config(batch_split=4), batches)
-  np.testing.assert_allclose(split, whole, rtol=1e-5)
+def test_batch_split_equals_whole_batch(batches, replicated):
+  # Fewer steps: 4 micro-batches make each step ~2x slower on fake CPU devices. Six steps
+  # include warmup's end (step 5) and one at the base learning rate.
+  split = _train(_config(batch_split=4), batches[:6])
+  np.testing.assert_allclose(split.losses, replicated.losses[:6], rtol=1e-5)
 
 
-def test_fsdp_equals_replicated(batches):
-  replicated, _, _ = _train(_config(), batches)
-  fsdp, _, setup = _train(_config(state_sharding="fsdp"), batches)
-  np.testing.assert_allclose(fsdp, replicated, rtol=1e-5)
-  kernel = setup.state_shardings["params"]["block3"]["unit01"]["b"]["standardized_conv2d"]
+def test_fsdp_equals_replicated(batches, replicated):
+  fsdp = _train(_config(state_sharding="fsdp"), batches)
+  np.testing.assert_allclose(fsdp.losses, replicated.losses, rtol=1e-5)
+  kernel = fsdp.setup.state_shardings["params"]["block3"]["unit01"]["b"]["standardized_conv2d"]
   assert kernel["kernel"].spec != P()  # (3, 3, 256, 256): really split over the devices.
-  momentum = jax.tree.leaves(setup.state_shardings["opt_state"])
+  momentum = jax.tree.leaves(fsdp.setup.state_shardings["opt_state"])
   assert any(s.spec != P() for s in momentum)
 
 
 def test_non_finite_loss_never_reaches_the_state(batches):
-  losses, state, setup = _train(_config(lr=1e12), batches[:6])
-  finite = np.isfinite(losses) & np.isfinite(setup.grad_norms)
+  run = _train(_config(lr=1e12), batches[:6], num_devices=1)
+  finite = np.isfinite(run.losses) & np.isfinite(run.grad_norms)
   assert not np.all(finite)
-  assert int(state["bad_step"]) == int(np.argmin(finite))  # The first non-finite step.
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+  assert int(run.state["bad_step"]) == int(np.argmin(finite))  # The first non-finite step.
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(run.state["params"]))
+
+
+def test_eval_batch_must_split_over_the_devices(data_dir, tmp_path):
+  config = _config(data_dir=data_dir, eval_batch_size=12)
+  with pytest.raises(UserError, match=r"^eval_batch_size 12 is not divisible by the 8 devices; "
+                     r"use a multiple of 8 \(e.g. --config.eval_batch_size=8\).$"):
+    trainer.run(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # Refused before anything was written.
 
 
 def test_batch_split_must_divide_the_device_batch():
@@ -93,20 +115,19 @@ def test_batch_split_must_divide_the_device_batch():
 
 
 @pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"shared CIFAR-10 images not found at {CIFAR10}")
-@pytest.mark.parametrize("batch", [64, 333])
-def test_evaluation_counts_every_cifar10_test_image_on_1_and_8_devices(batch):
+@pytest.mark.parametrize("batch, num_devices", [(333, 1), (333, 8), (64, 8)])
+def test_evaluation_counts_every_cifar10_test_image(batch, num_devices):
   cifar10 = datasets.get(f"folder:{CIFAR10}")
   model = models.get_model("R14x1", 10)
-  for num_devices in (1, 8):
-    mesh = sharding.make_mesh(jax.devices()[:num_devices])
-    # A global batch must split over the devices: 333 is padded to 336 on 8 (masked slots).
-    global_batch = -(-batch // num_devices) * num_devices
-    with jax.set_mesh(mesh):
-      params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-      step = evaluate.make_classification_step(
-          lambda p, x: model.apply({"params": p}, x), losses.softmax_xent)
-      batches = pipeline.eval_iterator(cifar10, "test", "decode|resize(16)|value_range(-1, 1)",
-                                       global_batch)
-      result = evaluate.classification(step, params, batches, mesh)
-    assert result["count"] == 2000, (batch, num_devices)
-    assert result["accuracy"] == pytest.approx(0.1, abs=1e-9)  # Zero head: argmax is class 0.
+  mesh = sharding.make_mesh(jax.devices()[:num_devices])
+  # A global batch must split over the devices: 333 is padded to 336 on 8 (masked slots).
+  global_batch = -(-batch // num_devices) * num_devices
+  with jax.set_mesh(mesh):
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    step = evaluate.make_classification_step(
+        lambda p, x: model.apply({"params": p}, x), losses.softmax_xent)
+    batches = pipeline.eval_iterator(cifar10, "test", "decode|resize(16)|value_range(-1, 1)",
+                                     global_batch)
+    result = evaluate.classification(step, params, batches, mesh)
+  assert result["count"] == 2000
+  assert result["accuracy"] == pytest.approx(0.1, abs=1e-9)  # Zero head: argmax is class 0.

@@ -1,5 +1,7 @@
 """The BiT ResNet-v2 model: architecture facts from ../shared/REFERENCE.md §1."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,11 +85,14 @@ def test_root_pool_pads_with_zeros_not_minus_infinity():
 def test_zero_head_and_pre_logits():
   model = models.get_model("R14x1", 10)
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
-  variables = model.init(jax.random.key(0), x)
-  np.testing.assert_array_equal(model.apply(variables, x), np.zeros((2, 10)))
-  assert model.apply(variables, x, pre_logits=True).shape == (2, 2048)
+  # Jitted: op by op, the random initialisers alone take seconds each on the CPU.
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  np.testing.assert_array_equal(jax.jit(model.apply)(variables, x), np.zeros((2, 10)))
+  pre_logits = jax.jit(functools.partial(model.apply, pre_logits=True))(variables, x)
+  assert pre_logits.shape == (2, 2048) and np.any(pre_logits != 0)
   biased = models.get_model("R14x1", 10, head_bias_init=-10.0)
-  np.testing.assert_array_equal(biased.apply(biased.init(jax.random.key(0), x), x), -10)
+  logits = jax.jit(biased.apply)(jax.jit(biased.init)(jax.random.key(0), x), x)
+  np.testing.assert_array_equal(logits, -10)
 
 
 def test_unknown_model_names_valid_choices():

@@ -141,5 +141,6 @@ def test_compiler_flops_count_every_micro_batch():
       "model.name": "R14x1", "batch_size": 16,
       "pp_train": "decode|resize(18)|random_crop(16)|flip_lr|value_range(-1, 1)"})
   whole = plan.compile_step(config, plan.local_target())
-  split = plan.compile_step(config_common.with_overrides(config, {"batch_split": 2}), plan.local_target())
+  split = plan.compile_step(config_common.with_overrides(config, {"batch_split": 2}),
+                            plan.local_target())
   assert 0.9 < split.flops / whole.flops < 2, (split.flops, whole.flops)

@@ -1,0 +1,75 @@
+"""The upstream recipes (BiT-S/M/L configs) and training over several processes, through the
+real trainer CLI on fake CPU devices."""
+
+import importlib
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from big_transfer import config_common, trainer
+from conftest import ROOT, TINY, TINY_CONFIG, logged_losses, run_train, train_env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, data_dir):
+  flags = [*TINY, "--config.total_steps=6", "--config.log_every_steps=1",
+           "--config.input_sharding=global", f"--config.data_dir={data_dir}",
+           "--config.batch_size=16"]
+  single = str(tmp_path / "single")
+  run_train(single, *flags, devices=4)
+
+  multi = str(tmp_path / "multi")
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "big_transfer.train", f"--config={ROOT}/configs/demo.py",
+       f"--workdir={multi}", *flags, f"--coordinator_address=localhost:{port}",
+       "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=train_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=400) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err
+  assert "over 4 devices (2 processes)" in outs[0][0]
+  # Only process 0 prints and writes metrics (Gloo's own connection lines aside).
+  assert [l for l in outs[1][0].splitlines() if not l.startswith("[Gloo]")] == []
+  expected, actual = logged_losses(single), logged_losses(multi)
+  assert sorted(actual) == list(range(1, 7))
+  np.testing.assert_allclose([actual[s] for s in sorted(actual)],
+                             [expected[s] for s in sorted(expected)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["bit_s", "bit_m", "bit_l"])
+def test_upstream_configs_run_two_steps(tmp_path, data_dir, config, capsys):
+  """Each recipe, scaled down to digits, through `trainer.run` on this process's 8 devices."""
+  recipe = importlib.import_module(f"configs.{config}").get_config()
+  assert (recipe.batch_size, recipe.schedule.warmup_steps, recipe.wd) == (4096, 5000, 1e-4)
+  config = config_common.with_overrides(recipe, {
+      **TINY_CONFIG, "total_steps": 2, "dataset": "sklearn_digits", "data_dir": data_dir,
+      "num_classes": 10, "train_split": "train", "eval_split": "test", "batch_size": 8,
+      "shuffle_buffer": 100})
+  handler = signal.getsignal(signal.SIGTERM)
+  result = trainer.run(config, str(tmp_path / "run"))
+  assert result["count"] == 360
+  assert signal.getsignal(signal.SIGTERM) is handler  # The preemption handler is uninstalled.
+  out = capsys.readouterr().out
+  assert "over 8 devices" in out and "step 2/2: loss" in out and "Final test accuracy" in out
+
+
+def test_print_config_shows_the_resolved_config():
+  printed = subprocess.run(
+      [sys.executable, "-m", "big_transfer.train", f"--config={ROOT}/configs/bit_l.py:R101x3",
+       "--print_config", "--config.lr=0.1"], cwd=ROOT, env=train_env(1), capture_output=True,
+      text=True)
+  assert printed.returncode == 0, printed.stderr
+  for line in ("batch_size: 4096", "lr: 0.1", "  name: R101x3", "  warmup_steps: 5000",
+               "state_sharding: fsdp", "wd: 0.0001"):
+    assert line in printed.stdout.splitlines(), line
