@@ -25,21 +25,44 @@ from big_transfer.errors import TrainingError, UserError
 
 
 def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
-                    mixup_alpha: float = 0.0, seed: int = 0):
+                    mixup_alpha: float = 0.0, seed: int = 0,
+                    state_sharding: str = "replicated"):
   """The update step (state, batch) -> (state, metrics), to be jitted with donation.
 
   MixUp (alpha > 0) draws from fold_in(key(seed), step): no RNG state to checkpoint, and a
   resumed run mixes exactly as an uninterrupted one.
 
   With `batch_split` k the batch is processed as k micro-batches whose mean gradients are
-  averaged, equal to one pass over the whole batch. A non-finite loss or gradient leaves
-  params and optimizer state unchanged and records the step in `state["bad_step"]`, so the
-  state (and every checkpoint of it) stays finite.
+  averaged, equal to one pass over the whole batch. With replicated parameters each device
+  accumulates the gradients of its own rows and they are averaged over the devices once per
+  step (left to the partitioner, the all-reduce would run once per micro-batch); with FSDP
+  parameters are gathered and gradients reduce-scattered per micro-batch.
+
+  A non-finite loss or gradient leaves params and optimizer state unchanged and records the
+  step in `state["bad_step"]`, so the state (and every checkpoint of it) stays finite.
   """
 
   def loss_and_grads(params, images, labels):
     loss = lambda p: jnp.mean(loss_fn(apply_fn(p, images), labels))
     return jax.value_and_grad(loss)(params)
+
+  def mean_over_micro_batches(params, micro):
+    """The mean (loss, grads) over micro-batches stacked on the leading axis."""
+    def add(total, mb):
+      return jax.tree.map(jnp.add, total, loss_and_grads(params, mb["image"], mb["labels"])), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(add, zeros, micro)
+    return jax.tree.map(lambda x: x / batch_split, (loss, grads))
+
+  accumulate = mean_over_micro_batches
+  if state_sharding == "replicated":
+    # Per device: the mean over its rows of each micro-batch (the same count on every device),
+    # so the mean over devices is the global mean.
+    accumulate = jax.shard_map(
+        lambda params, micro: jax.lax.pmean(mean_over_micro_batches(params, micro),
+                                            sharding.DATA),
+        mesh=mesh, in_specs=(P(), P(None, sharding.DATA)), out_specs=P(), check_vma=False)
 
   def step(state, batch):
     params = state["params"]
@@ -53,13 +76,7 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
           lambda x: jnp.swapaxes(x.reshape((-1, batch_split) + x.shape[1:]), 0, 1), batch)
       micro = jax.lax.with_sharding_constraint(
           micro, NamedSharding(mesh, P(None, sharding.DATA)))
-
-      def accumulate(total, mb):
-        return jax.tree.map(jnp.add, total, loss_and_grads(params, mb["image"], mb["labels"])), None
-
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-      loss, grads = jax.tree.map(lambda x: x / batch_split, (loss, grads))
+      loss, grads = accumulate(params, micro)
 
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     grad_norm = optax.global_norm(grads)
@@ -119,7 +136,7 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
   step = make_train_step(apply_fn, tx, loss_fn, schedule, mesh, config.batch_split,
-                         config.mixup_alpha, config.seed)
+                         config.mixup_alpha, config.seed, config.state_sharding)
   train_step = jax.jit(
       step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

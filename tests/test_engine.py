@@ -3,6 +3,7 @@ different device counts, micro-batching and state sharding gives the same traini
 
 import itertools
 import os
+import re
 from typing import NamedTuple
 
 import jax
@@ -81,6 +82,44 @@ def test_batch_split_equals_whole_batch(batches, replicated):
   # include warmup's end (step 5) and one at the base learning rate.
   split = _train(_config(batch_split=4), batches[:6])
   np.testing.assert_allclose(split.losses, replicated.losses[:6], rtol=1e-5)
+
+
+def _all_reduces(hlo: str) -> tuple[int, int]:
+  """(all-reduces in the module, those inside while-loop bodies) in compiled HLO text."""
+  computations, name = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if header:
+      name = header.group(1)
+      computations[name] = []
+    elif name is not None:
+      computations[name].append(line)
+  count = lambda lines: sum(bool(re.search(r" all-reduce(-start)?\(", l)) for l in lines)
+  in_loops, seen = 0, set()
+  todo = [b for lines in computations.values() for l in lines
+          for b in re.findall(r"body=%?([\w.\-]+)", l)]
+  while todo:  # Loop bodies and every computation they call.
+    name = todo.pop()
+    if name in seen or name not in computations:
+      continue
+    seen.add(name)
+    in_loops += count(computations[name])
+    todo += [c for l in computations[name] for c in re.findall(r"%([\w.\-]+)", l)
+             if c in computations]
+  return sum(count(lines) for lines in computations.values()), in_loops
+
+
+def test_batch_split_reduces_gradients_once_per_step():
+  mesh = sharding.make_mesh()
+  setup = trainer.build(_config(batch_split=4), mesh, num_classes=10, num_train_examples=1437)
+  batch = {"image": jax.ShapeDtypeStruct((32, 16, 16, 3), jnp.float32),
+           "labels": jax.ShapeDtypeStruct((32, 10), jnp.float32)}
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+           for k, v in batch.items()}
+  with jax.set_mesh(mesh):
+    hlo = setup.train_step.lower(setup.abstract_state, batch).compile().as_text()
+  total, in_loops = _all_reduces(hlo)
+  assert total >= 1 and in_loops == 0, (total, in_loops)
 
 
 def test_fsdp_equals_replicated(batches, replicated):
