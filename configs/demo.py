@@ -4,7 +4,7 @@
 
 SGD momentum 0.9, lr 0.03 x batch/256, linear warmup, staircase /10 decays, weight decay 1e-4
 on kernels, random crop + random flip, pixels in [-1, 1]; a BiT-R14x1 (the real GN+WS
-ResNet-v2 with one unit per block) at 24 px. Expected: ~97% test accuracy on the 360 held-out
+ResNet-v2 with one unit per block) at 24 px. Expected: ~96% test accuracy on the 360 held-out
 digits in about 4 minutes on 2 CPU cores. The dataset ships with scikit-learn and is built as
 a TFDS dataset on first use (into --config.data_dir, default ~/tensorflow_datasets).
 """
