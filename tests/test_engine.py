@@ -112,10 +112,8 @@ def _all_reduces(hlo: str) -> tuple[int, int]:
 def test_batch_split_reduces_gradients_once_per_step():
   mesh = sharding.make_mesh()
   setup = trainer.build(_config(batch_split=4), mesh, num_classes=10, num_train_examples=1437)
-  batch = {"image": jax.ShapeDtypeStruct((32, 16, 16, 3), jnp.float32),
-           "labels": jax.ShapeDtypeStruct((32, 10), jnp.float32)}
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
-           for k, v in batch.items()}
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding.batch_sharding(mesh))
+           for k, shape in (("image", (32, 16, 16, 3)), ("labels", (32, 10)))}
   with jax.set_mesh(mesh):
     hlo = setup.train_step.lower(setup.abstract_state, batch).compile().as_text()
   total, in_loops = _all_reduces(hlo)

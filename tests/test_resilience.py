@@ -103,7 +103,8 @@ def test_nan_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, data_dir, re
   workdir = _copy(reference, tmp_path)
   before = _params(workdir)
   proc = run_train(workdir, *FLAGS, f"--config.data_dir={data_dir}", "--config.lr=1e12",
-                   f"--config.total_steps={TOTAL + 6}", check=False)
+                   f"--config.total_steps={TOTAL + 6}", "--config.keep_checkpoints=10",
+                   check=False)
   assert proc.returncode == 1
   message = proc.stderr.strip()
   assert message.startswith("error: Loss or gradient became NaN/Inf at step "), message
@@ -112,11 +113,10 @@ def test_nan_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, data_dir, re
   intact = int(message.split("the checkpoint at step ")[1].split(" ")[0])
   assert TOTAL <= intact <= bad_step
   saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
-  assert saved[-1] == intact
+  assert saved[-1] == intact and TOTAL in saved  # keep_checkpoints=10: nothing rotated out.
   assert all(np.all(np.isfinite(x)) for x in _flat(_params(workdir, intact)))
-  if TOTAL in saved:  # Not yet rotated out (keep_checkpoints=2): the old one is untouched.
-    for a, b in zip(_flat(before), _flat(_params(workdir))):
-      np.testing.assert_array_equal(a, b)
+  for a, b in zip(_flat(before), _flat(_params(workdir))):  # The old one is untouched.
+    np.testing.assert_array_equal(a, b)
   logged = logged_losses(workdir)  # The metrics written before are kept; no NaN was logged.
   assert all(logged[step] == loss for step, loss in logged_losses(reference).items())
   assert np.all(np.isfinite(list(logged.values())))
