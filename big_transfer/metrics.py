@@ -8,7 +8,13 @@ import os
 import time
 
 import jax
-from clu import metric_writers
+
+from big_transfer import native_logs
+
+native_logs.import_tensorflow()  # Before clu: keeps TensorFlow's import notices off stderr.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from clu import metric_writers  # noqa: E402
 
 
 class Writer:

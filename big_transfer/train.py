@@ -7,12 +7,8 @@ Multi-host: on a TPU pod pass `--distributed` on every host (JAX finds the coord
 elsewhere give `--coordinator_address=host:port --num_processes=N --process_id=i`.
 """
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads: quiet C++ logs.
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging
 
 from big_transfer import cli, errors

@@ -12,6 +12,8 @@ import tempfile
 
 import pytest
 
+from big_transfer import native_logs
+
 # In-process tests see 8 fake CPU devices (set before JAX initialises its backend).
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -54,9 +56,26 @@ def data_dir(tmp_path_factory):
 
 
 def train_env(devices: int) -> dict[str, str]:
-  """The environment of a trainer subprocess with `devices` fake CPU devices."""
+  """The environment of a trainer subprocess with `devices` fake CPU devices.
+
+  TF_ENABLE_ONEDNN_OPTS=1 makes TensorFlow print its oneDNN import notice on every x86 CPU
+  (by default only some CPUs do), so the output checks below see it whatever the machine.
+  """
   return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "JAX_PLATFORMS": "cpu"}
+          "JAX_PLATFORMS": "cpu", "TF_ENABLE_ONEDNN_OPTS": "1"}
+
+
+def error_line(proc) -> str:
+  """The one-line error a failed CLI run ends with, checked: a non-zero exit, stderr ending in
+  the only `error: ` line, no traceback, none of TensorFlow's import notices. Other lines a
+  library may print on some machine are not the test's business."""
+  assert proc.returncode != 0, proc.stdout
+  lines = proc.stderr.strip().splitlines()
+  assert lines and lines[-1].startswith("error: "), proc.stderr
+  assert sum(line.startswith("error:") for line in lines) == 1, proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr
+  assert not any(native_logs.is_notice(line) for line in lines), proc.stderr
+  return lines[-1]
 
 
 def logged_losses(workdir) -> dict[int, float]:

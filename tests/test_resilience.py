@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, TINY, logged_losses, run_train, train_env
+from conftest import ROOT, TINY, error_line, logged_losses, run_train, train_env
 
 TOTAL = 12
 FLAGS = [*TINY, f"--config.total_steps={TOTAL}", "--config.log_every_steps=1",
@@ -106,9 +106,8 @@ def test_nan_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, data_dir, re
                    f"--config.total_steps={TOTAL + 6}", "--config.keep_checkpoints=10",
                    check=False)
   assert proc.returncode == 1
-  message = proc.stderr.strip()
+  message = error_line(proc)
   assert message.startswith("error: Loss or gradient became NaN/Inf at step "), message
-  assert len(message.splitlines()) == 1
   bad_step = int(message.split(" at step ")[1].split(";")[0])
   intact = int(message.split("the checkpoint at step ")[1].split(" ")[0])
   assert TOTAL <= intact <= bad_step

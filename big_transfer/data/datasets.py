@@ -4,8 +4,10 @@ Everything the trainer needs to know about a dataset (class count, label kind, s
 comes from here, read from the TFDS metadata rather than from a hand-kept size table.
 """
 
+import contextlib
 import dataclasses
 import difflib
+import io
 import os
 
 import numpy as np
@@ -75,6 +77,19 @@ def _not_found(name: str) -> UserError:
                     f"(tfds.list_builders()).{hint}")
 
 
+def _prepare_embedded(builder: tfds.core.DatasetBuilder) -> None:
+  """Builds an embedded dataset (seconds, no download), saying so in one line instead of
+  tfds's progress bars and banners."""
+  print(f"Preparing the embedded dataset {builder.name} in {builder.data_dir} (once).",
+        flush=True)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare()
+  finally:
+    tfds.display_progress_bar(True)
+
+
 def get(name: str, data_dir: str | None = None) -> Dataset:
   """Resolves `name`, preparing embedded datasets; UserError with the fix otherwise."""
   if name.startswith(FOLDER_PREFIX):
@@ -85,8 +100,8 @@ def get(name: str, data_dir: str | None = None) -> Dataset:
   if name.split(":")[0].split("/")[0] not in tfds.list_builders(with_community_datasets=False):
     raise _not_found(name)
   builder = tfds.builder(name, data_dir=data_dir)
-  if name in EMBEDDED:
-    builder.download_and_prepare()
+  if name in EMBEDDED and not builder.is_prepared():
+    _prepare_embedded(builder)
   elif not builder.is_prepared():
     raise UserError(
         f"Dataset {name!r} is not prepared in {builder.data_dir!r}: run `tfds build {name} "
