@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from big_transfer import metrics, models
@@ -105,9 +106,6 @@ def load_bit_npz(path: str, model_name: str | None = None, num_classes: int | No
   Raises UserError (one line) for unreadable files and for missing, unexpected, duplicate or
   wrongly shaped keys.
   """
-  if head not in HEAD_MODES:
-    raise UserError(f"head={head!r} is not one of {', '.join(HEAD_MODES)}; "
-                    "use 'auto' to keep a matching head and zero-init otherwise.")
   flat = _official_to_flat(_read_npz(path), path)
   layers, width = _architecture(flat, path)
   if model_name is not None:
@@ -118,22 +116,89 @@ def load_bit_npz(path: str, model_name: str | None = None, num_classes: int | No
                       f"of {model_name}.")
   file_classes = _head_classes(flat, path)
   _check_layout(flat, layers, width, file_classes, path)
+  return _unflatten(_with_head(flat, width, file_classes, num_classes, head, path))
+
+
+def _with_head(flat: dict, width: int, file_classes: int, num_classes: int | None, head: str,
+               source: str) -> dict:
+  """`flat` with the head `load_bit_npz` documents for (num_classes, head)."""
+  if head not in HEAD_MODES:
+    raise UserError(f"head={head!r} is not one of {', '.join(HEAD_MODES)}; "
+                    "use 'auto' to keep a matching head and zero-init otherwise.")
   if num_classes is None:
     num_classes = file_classes
   if head == "keep" and num_classes != file_classes:
-    raise UserError(f"{path} has a {file_classes}-class head but num_classes={num_classes} was "
-                    "requested with head='keep'; pass head='auto' or 'reset' to start a zero "
-                    "head for transfer.")
+    raise UserError(f"{source} has a {file_classes}-class head but num_classes={num_classes} "
+                    "was requested with head='keep'; pass head='auto' or 'reset' to start a "
+                    "zero head for transfer.")
   if head == "reset" or num_classes != file_classes:
     if head == "auto":
       found = f"a {file_classes}-class head" if file_classes else "no head"
       action = f"starting a zero {num_classes}-class head" if num_classes else "dropping it"
-      metrics.log(f"{path} has {found}, {num_classes} classes requested: {action}.")
+      metrics.log(f"{source} has {found}, {num_classes} classes requested: {action}.")
     flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
     if num_classes:
       flat[HEAD_KERNEL] = np.zeros((2048 * width, num_classes), np.float32)
       flat[HEAD_BIAS] = np.zeros((num_classes,), np.float32)
-  return _unflatten(flat)
+  return flat
+
+
+def load_params(path: str, num_classes: int | None = None, *,
+                head: str = "auto") -> tuple[str, dict]:
+  """(model name, flax `params` as float32 numpy) from an official BiT `.npz` or from the
+  workdir of one of our runs (its newest checkpoint); the model is read from the shapes.
+
+  `num_classes` and `head` as in `load_bit_npz`. This is what `config.init` and the tools
+  that take "a checkpoint" accept.
+  """
+  if epath.Path(path).is_dir():
+    flat, source = _workdir_params(path), f"{path} (workdir)"
+  else:
+    flat, source = _official_to_flat(_read_npz(path), path), path
+  layers, width = _architecture(flat, source)
+  file_classes = _head_classes(flat, source)
+  _check_layout(flat, layers, width, file_classes, source)
+  flat = _with_head(flat, width, file_classes, num_classes, head, source)
+  return _model_name(layers, width), _unflatten(flat)
+
+
+def _workdir_params(workdir: str) -> dict[str, np.ndarray]:
+  """The newest checkpoint's params of a run's workdir, flat with the official head shape."""
+  directory = epath.Path(workdir) / "checkpoints"
+  # Finished checkpoints are folders named by their step (orbax writes into temporary names).
+  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()
+           ] if directory.is_dir() else []
+  if not steps:
+    raise UserError(f"{workdir} holds no checkpoint (expected {directory}/<step>/); pass a "
+                    "run's workdir or a BiT .npz file.")
+  path = directory / str(max(steps))
+  try:
+    params = _restore_params(path / "default")
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+    raise UserError(f"Checkpoint {path} does not restore ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); resume the run once to quarantine it, "
+                    "or pass another checkpoint.") from None
+  flat = _flatten(params)
+  if HEAD_KERNEL in flat:
+    flat[HEAD_KERNEL] = flat[HEAD_KERNEL][None, None]
+  return flat
+
+
+def _restore_params(path: epath.Path):
+  """Only the `params` of a training-state checkpoint, as host numpy arrays: no optimizer
+  state is read, and any device count or sharding it was saved with restores."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(path).item_metadata.tree["params"]
+  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item={"params": item}, restore_args={"params": restore_args}, partial_restore=True))["params"]
+
+
+def _flatten(params) -> dict[str, np.ndarray]:
+  """{"a": {"b": x}} -> {"a/b": float32 numpy x}."""
+  return {"/".join(str(k.key) for k in key_path): np.asarray(jax.device_get(leaf), np.float32)
+          for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def save_bit_npz(params, path: str) -> None:
@@ -142,8 +207,7 @@ def save_bit_npz(params, path: str) -> None:
 
   The name is used as given (numpy would append `.npz` to a bare path, this does not).
   """
-  flat = {"/".join(str(k.key) for k in key_path): np.asarray(jax.device_get(leaf), np.float32)
-          for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = _flatten(params)
   if HEAD_KERNEL in flat:  # Flax Dense (C, N) is the official 1x1 conv (1, 1, C, N).
     flat[HEAD_KERNEL] = flat[HEAD_KERNEL][None, None]
   layers, width = _architecture(flat, "params")

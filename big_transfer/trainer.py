@@ -8,6 +8,7 @@ only process 0 writes logs and metrics, all take part in checkpoints.
 
 import contextlib
 import dataclasses
+import os
 import signal
 from typing import Any, Callable
 
@@ -22,6 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from big_transfer import checkpoints, evaluate, losses, metrics, models, optim, sharding
 from big_transfer.data import datasets, mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
+
+CONFIG_FILE = "config.json"  # In the workdir: the config a run started with.
 
 
 def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
@@ -238,6 +241,13 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
   return state, False
 
 
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`<workdir>/config.json`: the resolved config the run started with (process 0)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json(indent=2, sort_keys=True) + "\n")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics
   (empty when preempted). Checkpoints being written are completed whatever happens."""
@@ -259,6 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       state = ckpt.restore(setup.abstract_state)
       if state is None:
         state = setup.init(jax.random.key(config.seed))
+        _write_config(config, workdir)
       start_step = int(jax.device_get(state["step"]))
       num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
       metrics.log(f"{config.model.name}: {num_params:,} parameters; {dataset.name} "
