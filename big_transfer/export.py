@@ -1,4 +1,6 @@
-"""A run's weights as an official BiT .npz: `python -m big_transfer.export --workdir=DIR --out=F.npz`.
+"""A run's weights as an official BiT .npz.
+
+    python -m big_transfer.export --workdir=DIR --out=FILE.npz [--overwrite]
 
 Reads the newest checkpoint of the workdir (only its parameters; any device count or sharding
 it was saved with) and writes them in the layout of the released `BiT-{S,M}-R*.npz` files, so

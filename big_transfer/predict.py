@@ -39,7 +39,8 @@ from etils import epath  # noqa: E402
 from big_transfer import checkpoints, models, trainer  # noqa: E402
 from big_transfer.data import preprocess  # noqa: E402
 
-INIT = flags.DEFINE_string("init", None, "An official BiT .npz or a run's workdir (as config.init).")
+INIT = flags.DEFINE_string("init", None,
+                           "An official BiT .npz or a run's workdir (as config.init).")
 TOP = flags.DEFINE_integer("top", 5, "How many classes to print per image.", lower_bound=1)
 JSON = flags.DEFINE_bool("json", False, "One JSON object per image and line instead of text.")
 NAMES = flags.DEFINE_string(

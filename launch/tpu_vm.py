@@ -3,7 +3,8 @@
     python launch/tpu_vm.py create --name=bit --zone=europe-west4-a --accelerator=v3-32 [--queued]
         [--spot] [--project=P] [--version=RUNTIME]
     python launch/tpu_vm.py setup --name=bit --zone=europe-west4-a
-    python launch/tpu_vm.py train --name=bit --zone=europe-west4-a --accelerator=v3-32 [--plan] -- \\
+    python launch/tpu_vm.py train --name=bit --zone=europe-west4-a --accelerator=v3-32 \\
+        [--plan] -- \\
         --config=configs/bit_m.py:R50x1 --workdir=gs://BUCKET/bit_m \\
         --config.dataset=imagenet21k --config.data_dir=gs://BUCKET/tensorflow_datasets
     python launch/tpu_vm.py logs --name=bit --zone=europe-west4-a [--worker=N]
