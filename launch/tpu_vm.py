@@ -232,7 +232,9 @@ def train_commands(train_flags: list[str]) -> list[list[str]]:
     topology = TOPOLOGY.value or accelerator.topology
     plan = _remote_python("big_transfer.plan", [f for f in train_flags if f.startswith("--config")]
                           + [f"--topology={topology}", "--require_fit"])
-    commands.append(ssh(f"cd {REMOTE_REPO} && {plan}", worker="0"))
+    # On the CPU backend: an ahead-of-time compile needs no TPU, and claiming worker 0's TPU
+    # alone would wait for the slice's other hosts.
+    commands.append(ssh(f"cd {REMOTE_REPO} && JAX_PLATFORMS=cpu {plan}", worker="0"))
   train = _remote_python("big_transfer.train", train_flags + ["--distributed"])
   start = "; ".join([
       NOT_RUNNING,

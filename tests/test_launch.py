@@ -126,8 +126,8 @@ def test_train_logs_stop_delete_commands(fake_bin):
 
 
 def _fake_worker(tmp_path, sleep: float):
-  """A HOME like a set-up worker's, whose venv python records its argv, and as the trainer
-  runs `sleep` seconds or until SIGTERM."""
+  """A HOME like a set-up worker's, whose venv python records its argv and JAX_PLATFORMS, and
+  as the trainer runs `sleep` seconds or until SIGTERM."""
   home = tmp_path / "home"
   (home / "big_transfer").mkdir(parents=True)
   (home / "bit_venv" / "bin").mkdir(parents=True)
@@ -135,15 +135,17 @@ def _fake_worker(tmp_path, sleep: float):
   python.write_text(
       f"#!{sys.executable}\nimport json, signal, sys, time\n"
       "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+      "import os\n"
       f"with open({str(tmp_path / 'argv.json')!r}, 'w') as f:\n"
-      "  json.dump(sys.argv[1:], f)\n"
+      "  json.dump(sys.argv[1:] + [os.environ.get('JAX_PLATFORMS')], f)\n"
       f"time.sleep({sleep} if 'big_transfer.train' in sys.argv else 0)\n")
   python.chmod(0o755)
   return home
 
 
 def _on_worker(home, command: str):
-  return subprocess.run(["bash", "-c", command], env={**os.environ, "HOME": str(home)},
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # As on a TPU VM.
+  return subprocess.run(["bash", "-c", command], env={**env, "HOME": str(home)},
                         capture_output=True, text=True, timeout=60)
 
 
@@ -163,7 +165,7 @@ def test_train_flags_survive_the_workers_shell(fake_bin, tmp_path):
   proc = _on_worker(home, remote(train))
   assert proc.returncode == 0, proc.stderr
   assert _wait_for(tmp_path / "argv.json") == ["-m", "big_transfer.train", *TRICKY,
-                                                "--distributed"]
+                                                "--distributed", None]
   pid = int((home / "bit_train.pid").read_text())
   # A second start is refused while the first runs; stop ends it by SIGTERM and waits.
   again = _on_worker(home, remote(train))
@@ -174,11 +176,13 @@ def test_train_flags_survive_the_workers_shell(fake_bin, tmp_path):
   with pytest.raises(ProcessLookupError):
     os.kill(pid, 0)
   assert "no training running" in _on_worker(home, remote(stop)).stdout
-  # The planner gets the config flags only, and the accelerator's topology.
+  # The planner gets the config flags only and the accelerator's topology, and compiles on
+  # the CPU backend.
   (tmp_path / "argv.json").unlink()
   assert _on_worker(home, remote(plan)).returncode == 0
   assert _wait_for(tmp_path / "argv.json") == [
-      "-m", "big_transfer.plan", TRICKY[0], *TRICKY[2:], "--topology=v3:4x4", "--require_fit"]
+      "-m", "big_transfer.plan", TRICKY[0], *TRICKY[2:], "--topology=v3:4x4", "--require_fit",
+      "cpu"]
 
 
 def test_runs_exactly_what_the_dry_run_prints(fake_bin):
