@@ -118,7 +118,10 @@ class Accelerator:
 
   @property
   def topology(self) -> str:
-    """The chip grid for `big_transfer.plan --topology` (2D torus v2/v3/v5e/v6e, 3D v4/v5p)."""
+    """The chip grid for `big_transfer.plan --topology` (2D torus v2/v3/v5e/v6e, 3D v4/v5p).
+
+    The planner's one-axis data mesh depends only on the device count, not on the grid's shape.
+    """
     if self.chips & (self.chips - 1):
       raise LaunchError(f"No default topology for {self.name} ({self.chips} chips, not a power "
                         "of 2); pass --topology=GENERATION:AxB[xC] for --plan.")
@@ -220,10 +223,10 @@ def train_commands(train_flags: list[str]) -> list[list[str]]:
   accelerator = _accelerator("train")
   if not _flag_value(train_flags, "config"):
     raise LaunchError("train needs the trainer's flags after `--`, at least "
-                      "`-- --config=configs/NAME.py --workdir=gs://BUCKET/DIR`.")
+                      "`-- --config=configs/NAME.py --workdir=gs://BUCKET/DIR` (with the =).")
   workdir = _flag_value(train_flags, "workdir")
   if not workdir:
-    raise LaunchError("train needs --workdir=gs://BUCKET/DIR after `--`.")
+    raise LaunchError("train needs --workdir=gs://BUCKET/DIR (with the =) after `--`.")
   if accelerator.hosts > 1 and not workdir.startswith("gs://"):
     raise LaunchError(f"{accelerator.name} spans {accelerator.hosts} hosts, which must share "
                       f"the workdir: use a gs:// bucket, not {workdir!r}.")
