@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "importlib_resources==7.1.0",  # Needed by tensorflow-datasets 4.9.10, not declared by it.
     "jax==0.10.2",
     "jaxlib==0.10.2",
+    "matplotlib==3.11.2",  # python -m big_transfer.plot
     "ml-collections==1.1.0",
     "numpy==2.4.6",
     "optax==0.2.8",

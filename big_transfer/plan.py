@@ -36,6 +36,9 @@ TOPOLOGY = flags.DEFINE_string(
     "v5e:16x16, v5p:8x8x8, v6e:16x16); default: the local devices.")
 FIND_MAX_BATCH = flags.DEFINE_bool(
     "find_max_batch", False, "Also search the largest per-device batch that fits.")
+REQUIRE_FIT = flags.DEFINE_bool(
+    "require_fit", False, "Compile the step once and exit with an error if it does not fit "
+    "(no search; for launch scripts: launch/tpu_vm.py train --plan).")
 HBM_GIB = flags.DEFINE_float(
     "hbm_gib", None, "Memory per device to plan against, in GiB (default: the TPU table below, "
     "or the local device's own limit where JAX reports one).")
@@ -364,6 +367,22 @@ def _flags(overrides: dict) -> str:
   return " ".join(f"--config.{k}={v}" for k, v in overrides.items())
 
 
+def require_fit(config: ml_collections.ConfigDict, target: Target) -> Plan:
+  """Compiles the step once and prints its report; UserError unless it fits `target`."""
+  if not target.hbm_bytes:
+    raise errors.UserError("--require_fit needs a memory capacity; this device reports none "
+                           "(pass --hbm_gib=N).")
+  plan = compile_step(config, target)
+  print(report(config, target, plan), flush=True)
+  if not plan.fits(target.hbm_bytes):
+    needs = f"needs {_gib(plan.memory.total)}" if plan.memory else "runs out of memory"
+    raise errors.UserError(
+        f"The step {needs} per device, more than the {_gib(target.hbm_bytes)} of "
+        f"{target.description}; run python -m big_transfer.plan without --require_fit for the "
+        "smallest change that fits.")
+  return plan
+
+
 def run(config: ml_collections.ConfigDict, target: Target, find_max: bool) -> None:
   """Plans `config` on `target` and prints the report, a fix if needed, the max batch if asked."""
   if find_max and not target.hbm_bytes:
@@ -409,7 +428,10 @@ def main(argv):
   hbm = int(HBM_GIB.value * GiB) if HBM_GIB.value else None
   try:
     target = tpu_target(TOPOLOGY.value, hbm) if TOPOLOGY.value else local_target(hbm)
-    run(cli.CONFIG.value, target, FIND_MAX_BATCH.value)
+    if REQUIRE_FIT.value:
+      require_fit(cli.CONFIG.value, target)
+    else:
+      run(cli.CONFIG.value, target, FIND_MAX_BATCH.value)
   except errors.UserError as e:
     sys.exit(f"error: {e}")
 

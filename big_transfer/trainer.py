@@ -8,6 +8,7 @@ only process 0 writes logs and metrics, all take part in checkpoints.
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from big_transfer.data import datasets, mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
 
 CONFIG_FILE = "config.json"  # In the workdir: the config a run started with.
+CLASS_NAMES_FILE = "class_names.json"  # In the workdir: the dataset's class names, in label order.
 
 
 def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
@@ -241,11 +243,17 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
   return state, False
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """`<workdir>/config.json`: the resolved config the run started with (process 0)."""
+def _write_config(config: ml_collections.ConfigDict, class_names: list[str],
+                  workdir: str) -> None:
+  """`<workdir>/config.json`, the resolved config the run started with, and
+  `<workdir>/class_names.json`, the dataset's class names (so tools such as predict name the
+  classes without the dataset); process 0 writes them."""
   if jax.process_index() == 0:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json(indent=2, sort_keys=True) + "\n")
+    with open(os.path.join(workdir, CLASS_NAMES_FILE), "w") as f:
+      json.dump(list(class_names), f, indent=0)
+      f.write("\n")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -269,7 +277,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       state = ckpt.restore(setup.abstract_state)
       if state is None:
         state = setup.init(jax.random.key(config.seed))
-        _write_config(config, workdir)
+        _write_config(config, dataset.class_names(), workdir)
       start_step = int(jax.device_get(state["step"]))
       num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
       metrics.log(f"{config.model.name}: {num_params:,} parameters; {dataset.name} "
