@@ -299,11 +299,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     try:
       state = ckpt.restore(setup.abstract_state)
       if state is None:
-        state = setup.init(jax.random.key(config.seed))
         # ---- Transfer: config.init's backbone, the head as config.init_head says ----
-        if config.init:
-          state["params"] = transfer.init_params(config, num_classes,
-                                                 setup.state_shardings["params"])
+        params = (transfer.init_params(config, num_classes, setup.state_shardings["params"])
+                  if config.init else None)
+        state = setup.init(jax.random.key(config.seed))
+        if params is not None:  # SGD's momentum starts at zero whatever the params.
+          state["params"] = params
         _write_config(config, workdir)
       start_step = int(jax.device_get(state["step"]))
       num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
