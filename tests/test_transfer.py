@@ -120,7 +120,7 @@ def test_resolve_fills_the_unset_fields_from_the_data(folder):
   assert config.test_res.pp == "decode|resize(128)|flip_lr|value_range(-1, 1)"
   assert config.test_res.lr == pytest.approx(0.0003)
   assert resolved.notes[0].startswith(
-      f"HyperRule (folder:{folder} 'train'): 18 examples -> small regime (< 20,000): 500 steps")
+      f"HyperRule (folder:{folder} 'train'): 18 examples -> small regime (< 20k): 500 steps")
   assert "image area 256 px < 96x96 -> resize 160, crop 128" in resolved.notes[0]
 
 
@@ -279,7 +279,9 @@ def test_unprepared_or_unbuildable_tfds_task_is_one_line_and_writes_nothing(tmp_
   workdir = tmp_path / "run"
   for task, message in [
       ("vtab/dmlab", "Dataset 'dmlab:2.0.1' is not prepared in"),
-      ("imagenet2012", "run `tfds build imagenet2012 --data_dir=...` (with --manual_dir"),
+      ("imagenet2012", "run `tfds build imagenet2012 --data_dir=... --manual_dir=DIR` (DIR "
+       "holding the files its TFDS catalog page lists: it cannot be downloaded automatically) "
+       "and pass --config.data_dir."),
       ("vtab/oxford_iiit_pet", "Dataset 'oxford_iiit_pet:3.*.*': Dataset oxford_iiit_pet "
        "cannot be loaded at version 3.*.*, only: 4.0.0; prepare that version"),
   ]:

@@ -126,9 +126,11 @@ def get(name: str, data_dir: str | None = None, label: str = "") -> Dataset:
   if name in EMBEDDED and not builder.is_prepared():
     _prepare_embedded(builder)
   elif not builder.is_prepared():
+    manual = (" --manual_dir=DIR` (DIR holding the files its TFDS catalog page lists: it cannot "
+              "be downloaded automatically)" if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else "`")
     raise UserError(
         f"Dataset {name!r} is not prepared in {builder.data_dir!r}: run `tfds build {name} "
-        f"--data_dir=...` (with --manual_dir for ImageNet) and pass --config.data_dir.")
+        f"--data_dir=...{manual} and pass --config.data_dir.")
   return _with_label(name, builder, label)
 
 
