@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from big_transfer import checkpoints, config_common, hyperrule, optim, trainer, transfer
+from big_transfer import (checkpoints, config_common, hyperrule, optim, sharding, trainer,
+                          transfer)
 from big_transfer.data import pipeline
 from big_transfer.errors import UserError
 from configs import transfer as transfer_config
@@ -215,6 +216,14 @@ def test_npz_backbone_loads_with_a_zero_head_and_every_test_image_counts(cli_run
 def test_transfer_from_our_workdir_with_shots_and_a_test_resolution_phase(
     cli_run, folder, tmp_path, capsys):
   source, _ = cli_run
+  # The params a run starts from: the source workdir's backbone as stored, a zero head.
+  _, stored = checkpoints.load_params(source)
+  mesh = sharding.make_mesh()
+  placed = transfer.init_params(_config(folder, init=source), 3, jax.tree.map(
+      lambda _: sharding.replicated(mesh), stored))
+  stored["head"]["conv2d"] = jax.tree.map(np.zeros_like, stored["head"]["conv2d"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(placed), stored)
+
   workdir = str(tmp_path / "run")
   overrides = {**PP_16, "init": source, "total_steps": 2, "batch_size": 8, "lr": 0.3,
                "schedule.warmup_steps": 1, "schedule.decay_steps": (1,), "log_every_steps": 1,
