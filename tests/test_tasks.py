@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from big_transfer import evaluate, sharding, tabulate
-from big_transfer.data import datasets, labels, tasks
+from big_transfer.data import datasets, labels, pipeline, tasks
 from big_transfer.errors import UserError
 
 # The 19 tasks of VTAB-1k (Zhai et al. 2019, arXiv 1910.04867): group and classes, and what
@@ -132,6 +132,20 @@ def test_binned_labels_group_neighbouring_values():
   assert got == [0, 0, 1, 15]
   position = labels.binned("label_x_position", 32, 16)
   assert int(position.fn({"label_x_position": tf.constant(31, tf.int64)})) == 15
+
+
+def test_a_derived_label_reaches_the_batches_and_the_few_shot_labels(tmp_path):
+  """Classes a, b, c of a folder grouped into 2 bins ({a, b}, {c}) by label="label:2"."""
+  for name, count in (("a", 3), ("b", 2), ("c", 2)):
+    os.makedirs(tmp_path / "test" / name)
+    for i in range(count):
+      (tmp_path / "test" / name / f"{i}.png").write_bytes(
+          tf.io.encode_png(tf.zeros((4, 4, 3), tf.uint8)).numpy())
+  dataset = datasets.get(f"folder:{tmp_path}", label="label:2")
+  assert (dataset.num_classes, dataset.class_names()) == (2, ["0", "1"])
+  np.testing.assert_array_equal(dataset.labels("test"), [0, 0, 0, 0, 0, 1, 1])
+  batch = next(pipeline.eval_iterator(dataset, "test", "decode", 8))
+  np.testing.assert_array_equal(batch["labels"][batch["mask"]].argmax(-1), [0, 0, 0, 0, 0, 1, 1])
 
 
 def test_unusable_label_is_one_line():
