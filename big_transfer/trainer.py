@@ -19,7 +19,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import checkpoints, evaluate, losses, metrics, models, optim, sharding
+from big_transfer import (checkpoints, evaluate, losses, metrics, models, optim, sharding,
+                          validate, workdirs)
 from big_transfer.data import datasets, mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
 
@@ -239,6 +240,14 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Checks the config, locks the workdir (one run at a time) and trains or resumes: `_run`."""
+  validate.check_config(config)
+  with workdirs.Lock(workdir):
+    workdirs.check_resumable(config, workdir)
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics
   (empty when preempted). Checkpoints being written are completed whatever happens."""
   mesh = sharding.make_mesh()

@@ -9,6 +9,7 @@ sees exactly the images of an uninterrupted one.
 """
 
 import ast
+import inspect
 from typing import Callable, Sequence
 
 import tensorflow as tf
@@ -58,8 +59,13 @@ def parse(spec: str) -> Op:
     if name not in _OPS:
       raise UserError(f"Unknown preprocessing op {name!r} in {spec!r}; "
                        f"valid: {', '.join(names())}.")
-    args = ast.literal_eval(f"({args.rstrip(')')},)") if args.strip(") ") else ()
-    ops.append(_OPS[name](*args))
+    try:
+      args = ast.literal_eval(f"({args.rstrip(')')},)") if args.strip(") ") else ()
+      ops.append(_OPS[name](*args))
+    except (SyntaxError, ValueError, TypeError) as e:
+      raise UserError(f"Bad arguments in {part!r} of {spec!r} ({' '.join(str(e).split())}); "
+                       f"write Python literals matching {name}{inspect.signature(_OPS[name])}."
+                       ) from None
 
   def apply(example):
     for op in ops:
