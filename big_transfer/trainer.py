@@ -268,6 +268,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       state = ckpt.restore(setup.abstract_state)
       if state is None:
         state = setup.init(jax.random.key(config.seed))
+        workdirs.record_config(config, workdir)
       start_step = int(jax.device_get(state["step"]))
       num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
       metrics.log(f"{config.model.name}: {num_params:,} parameters; {dataset.name} "
