@@ -23,20 +23,24 @@ class Writer:
 
   def __init__(self, workdir: str):
     self.is_main = jax.process_index() == 0
-    self._tb = metric_writers.create_default_writer(
-        workdir, just_logging=not self.is_main, asynchronous=False)
+    self._workdir = workdir
+    self._tb = None  # Opened on the first write: a run refused before it leaves no file.
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     scalars = {k: float(v) for k, v in scalars.items()}
+    if self._tb is None:
+      self._tb = metric_writers.create_default_writer(
+          self._workdir, just_logging=not self.is_main, asynchronous=False)
     self._tb.write_scalars(step, scalars)
     if self.is_main:
       with open(self.path, "a") as f:
         f.write(json.dumps({"step": step, **scalars}) + "\n")
 
   def close(self) -> None:
-    self._tb.flush()
-    self._tb.close()
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
 
 
 class Progress:

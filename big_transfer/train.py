@@ -7,6 +7,7 @@ Multi-host: on a TPU pod pass `--distributed` on every host (JAX finds the coord
 elsewhere give `--coordinator_address=host:port --num_processes=N --process_id=i`.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -32,6 +33,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Library INFO logs and TF deprecation warnings would drown the progress lines.
     logging.set_verbosity(logging.ERROR)
+    std_logging.getLogger("absl").addFilter(_OneLineLibraryErrors())
   import jax
   if COORDINATOR.value:
     jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
@@ -42,6 +44,20 @@ def main(argv):
     trainer.run(cli.CONFIG.value, WORKDIR.value)
   except (errors.UserError, errors.TrainingError) as e:
     sys.exit(f"error: {e}")
+  except OSError as e:  # The machine's, not the program's: a full disk, a read-only workdir.
+    sys.exit(f"error: Cannot write {e.filename or 'to the workdir'} ({e.strerror or e}); free "
+             "disk space or make the workdir writable, then rerun the same command to resume "
+             "from its newest checkpoint.")
+
+
+class _OneLineLibraryErrors(std_logging.Filter):
+  """Drops the tracebacks that orbax logs for a failed background save: the trainer reports
+  the failure itself, as one line."""
+
+  def filter(self, record):
+    if "orbax" in record.pathname:
+      record.exc_info = record.exc_text = record.stack_info = None
+    return True
 
 
 if __name__ == "__main__":

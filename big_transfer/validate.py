@@ -111,14 +111,14 @@ def _check_durations(config) -> None:
       if value is None:
         continue
       values = value if isinstance(value, (tuple, list)) else (value,)
-      least = 1 if name == "total" else 0
-      if any(not (isinstance(v, (int, float)) and math.isfinite(v) and v >= least)
+      key = f"{prefix}{name}_{unit}"
+      valid = (lambda v: v > 0) if name == "total" else (lambda v: v >= 0)
+      if any(not (isinstance(v, (int, float)) and math.isfinite(v) and valid(v))
              for v in values):
-        what = "a positive number" if least else "numbers >= 0"
-        raise UserError(f"{prefix}{name}_{unit} {value} must be {what}; nothing would be "
-                        f"trained otherwise (e.g. --config.{prefix}{name}_{unit}=1000)."
-                        if name == "total" else
-                        f"{prefix}{name}_{unit} {value} must be {what}.")
+        if name == "total":
+          raise UserError(f"{key} {value} must be positive: there would be nothing to train; "
+                          f"e.g. --config.{key}=1000.")
+        raise UserError(f"{key} {value} must be >= 0.")
       break  # Durations reads the first unit set.
     else:
       if name == "total":

@@ -64,7 +64,7 @@ def parse(spec: str) -> Op:
       ops.append(_OPS[name](*args))
     except (SyntaxError, ValueError, TypeError) as e:
       raise UserError(f"Bad arguments in {part!r} of {spec!r} ({' '.join(str(e).split())}); "
-                       f"write Python literals matching {name}{inspect.signature(_OPS[name])}."
+                       f"write Python literals matching {name}{_signature(_OPS[name])}."
                        ) from None
 
   def apply(example):
@@ -73,6 +73,10 @@ def parse(spec: str) -> Op:
     return example
 
   return apply
+
+
+def _signature(fn) -> inspect.Signature:
+  return inspect.signature(fn).replace(return_annotation=inspect.Signature.empty)
 
 
 def _next_seed(example: dict) -> tuple[dict, tf.Tensor]:
