@@ -126,12 +126,6 @@ def _check_durations(config) -> None:
                         "or total_epochs.")
 
 
-def _first_line(error: Exception) -> str:
-  message = str(getattr(error, "message", None) or error)
-  message = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*", "", message)
-  return " ".join(message.split())[:200]
-
-
 def check_preprocessing(key: str, spec: str) -> None:
   """Runs `spec` on dummy JPEGs: bad op arguments, crops larger than the resized image, and
   output the model cannot take (not float, not RGB, empty) are UserErrors here."""
@@ -146,8 +140,9 @@ def check_preprocessing(key: str, spec: str) -> None:
     try:
       image = fn(example)["image"]
     except (tf.errors.OpError, ValueError, TypeError) as e:
-      raise UserError(f"{key} {spec!r} fails on a {height}x{width} image: {_first_line(e)}; "
-                      "check the ops' arguments (preprocess.py documents each op).") from None
+      raise UserError(f"{key} {spec!r} fails on a {height}x{width} image: "
+                      f"{preprocess.error_reason(e)}; check the ops' arguments (preprocess.py "
+                      "documents each op).") from None
     shapes.add(tuple(image.shape))
   if image.dtype != tf.float32:
     raise UserError(f"{key} {spec!r} gives {image.dtype.name} pixels; end it with "

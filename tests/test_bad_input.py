@@ -5,13 +5,23 @@ The CLI runs in this process (conftest.run_cli); test_the_cli_prints_the_line_an
 the same line from a real subprocess.
 """
 
+import io
+import itertools
 import os
 
+import numpy as np
+import PIL.Image
 import pytest
 
+from big_transfer import checkpoints, native_logs
+from big_transfer.data import datasets, pipeline
+from big_transfer.errors import UserError
 from conftest import ROOT, TINY, error_line, run_cli, run_train
 
+tf = native_logs.import_tensorflow()
+
 PP = "decode|resize(18)|random_crop(16)|flip_lr|value_range(-1, 1)"
+PP_EVAL = "decode|resize(16)|value_range(-1, 1)"
 
 
 @pytest.fixture
@@ -144,3 +154,123 @@ def test_the_cli_prints_the_line_and_exits_1(tmp_path, data_dir):
   assert proc.returncode == 1
   assert error_line(proc) == "error: lr -0.1 must be a positive number; e.g. --config.lr=0.003."
   assert not os.path.exists(tmp_path / "run")
+
+
+# ---- Image folders: what decodes, and what is named as the file to fix ----------------------
+
+def _jpeg(shape=(12, 10, 3), seed=0) -> bytes:
+  image = np.random.default_rng(seed).integers(0, 256, shape, np.uint8)
+  return tf.io.encode_jpeg(image).numpy()
+
+
+def _folder(root, files: dict[str, bytes] = ()) -> str:
+  """root/{train,test}/{a,b}/ with two 12x10 RGB JPEGs each, plus `files`."""
+  for split in ("train", "test"):
+    for label in ("a", "b"):
+      (root / split / label).mkdir(parents=True, exist_ok=True)
+      for i in range(2):
+        (root / split / label / f"{i}.jpg").write_bytes(_jpeg(seed=i))
+  for path, data in dict(files).items():
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / path).write_bytes(data)
+  return f"folder:{root}"
+
+
+def _cmyk_jpeg() -> bytes:
+  out = io.BytesIO()
+  PIL.Image.new("RGB", (10, 12), (200, 40, 10)).convert("CMYK").save(out, "JPEG")
+  return out.getvalue()
+
+
+def test_grayscale_rgba_cmyk_png_and_non_ascii_names_all_decode_to_rgb(tmp_path):
+  """Documented recovery: every kind of image becomes RGB; other files are ignored."""
+  gray = tf.io.encode_jpeg(np.full((9, 7, 1), 90, np.uint8)).numpy()
+  rgba = tf.io.encode_png(np.full((8, 8, 4), 30, np.uint8)).numpy()
+  dataset = datasets.get(_folder(tmp_path, {
+      "test/a/gray.jpg": gray, "test/a/rgba.png": rgba, "test/b/cmyk.jpg": _cmyk_jpeg(),
+      "test/b/png_named.jpg": rgba, "test/chat_é/猫.JPG": _jpeg(),
+      "test/a/notes.txt": b"not an image", "test/b/Thumbs.db": b"\0\1"}))
+  assert dataset.class_names() == ["a", "b", "chat_é"] and dataset.num_examples("test") == 9
+  batches = list(pipeline.eval_iterator(dataset, "test", PP_EVAL, 16, with_ids=True))
+  images = batches[0]["image"][batches[0]["mask"]]
+  assert images.shape == (9, 16, 16, 3) and images.dtype == np.float32
+  assert any(i.decode().endswith("test/chat_é/猫.JPG") for i in batches[0]["id"])
+
+
+@pytest.mark.parametrize("name, data", [
+    ("zero.jpg", b""),
+    ("truncated.jpg", _jpeg((40, 40, 3))[:300]),
+    ("text.jpg", b"this is not an image\n"),
+    ("zero_猫.png", b""),
+])
+def test_undecodable_files_are_named(tmp_path, name, data):
+  dataset = datasets.get(_folder(tmp_path, {f"train/b/{name}": data}))
+  with pytest.raises(UserError) as error:
+    list(itertools.islice(pipeline.train_iterator(dataset, "train", PP, 4, seed=0), 4))
+  assert str(error.value) == (f"Cannot decode image {tmp_path}/train/b/{name} (corrupt or not an "
+                              "image); replace or delete it.")
+
+
+def test_zero_byte_first_image_is_named_by_the_hyperrule_probe(tmp_path):
+  """Was a TensorFlow "Input is empty" traceback (the resolution probe decodes one image)."""
+  dataset = datasets.get(_folder(tmp_path, {f"train/{c}/{i}.jpg": b"" for c in "ab"
+                                            for i in range(2)}))
+  with pytest.raises(UserError, match=r"^Cannot decode image .*/train/[ab]/[01]\.jpg, the first of "
+                                      r"'train' \(corrupt or not an image\); replace or delete"):
+    dataset.image_area("train")
+
+
+def test_crop_larger_than_the_images_names_a_file(tmp_path):
+  dataset = datasets.get(_folder(tmp_path))
+  with pytest.raises(UserError, match=r"^Preprocessing fails on image .*/test/[ab]/[01]\.jpg \(12x10\): "
+                                      r"Need value\.shape >= size, got 12, 10, 3 11, 11, 3; make the ops fit the images \(e\.g\. resize before "
+                                      r"random_crop\)\.$"):
+    list(pipeline.eval_iterator(dataset, "test", "decode|random_crop(11)", 4))
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"train/c/notes.txt": b"x"}, r"Class folder '.*/train/c' has no \.jpg/\.jpeg/\.png images; "
+                                  r"add images or remove the folder\."),
+    ({"train/b/more/1.jpg": _jpeg()}, r"Folder '.*/train/b/more' holds images one level too deep"
+                                      r", where they would be ignored; expected ROOT/<split>/"),
+    ({"valid/readme.txt": b"x"}, r"Split folder '.*/valid' has no class folders; expected ROOT/"),
+])
+def test_folder_layout_errors(tmp_path, layout, message):
+  with pytest.raises(UserError, match=message):
+    datasets.get(_folder(tmp_path, layout))
+
+
+def test_nested_folders_without_images_are_ignored(tmp_path):
+  dataset = datasets.get(_folder(tmp_path, {"train/a/.ipynb_checkpoints/notes.txt": b"x"}))
+  assert dataset.num_examples("train") == 4
+
+
+def test_more_shots_than_a_class_has(tmp_path):
+  dataset = datasets.get(_folder(tmp_path))
+  with pytest.raises(UserError, match=r"^Class 'a' has 2 examples in 'train', fewer than 3 shots;"
+                                      r" lower the shots or use a larger split\.$"):
+    pipeline.few_shot_subset(dataset, "train", 3, seed=0)
+
+
+# ---- .npz checkpoints (missing, extra, misshapen keys and unreadable files: test_checkpoints) ---
+
+class _Tripwire:
+  """Unpickling it would create `path`: proof that a file's objects were unpickled."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return (open, (self.path, "w"))
+
+
+def test_npz_holding_pickled_objects_is_refused_unread(tmp_path):
+  path = str(tmp_path / "BiT-M-R50x1.npz")
+  tripwire = tmp_path / "unpickled"
+  objects = np.empty(1, object)
+  objects[0] = _Tripwire(str(tripwire))
+  np.savez(path, **{"resnet/root_block/standardized_conv2d/kernel": objects})
+  with pytest.raises(UserError, match=r"^Cannot read .*BiT-M-R50x1\.npz as a BiT \.npz checkpoint "
+                                      r"\(Object arrays cannot be loaded when allow_pickle=False\)"):
+    checkpoints.load_bit_npz(path)
+  assert not tripwire.exists()

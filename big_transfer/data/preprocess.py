@@ -10,6 +10,7 @@ sees exactly the images of an uninterrupted one.
 
 import ast
 import inspect
+import re
 from typing import Callable, Sequence
 
 import tensorflow as tf
@@ -73,6 +74,15 @@ def parse(spec: str) -> Op:
     return example
 
   return apply
+
+
+def error_reason(error: Exception) -> str:
+  """A TensorFlow op error as one short line, without TF's node names and assert wrapping."""
+  message = str(getattr(error, "message", None) or error)
+  message = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*|\s*\[\[.*", "", message)
+  message = re.sub(r"Expected 'tf.Tensor\(False.*?' to be true\. Summarized data: ", "", message)
+  message = re.sub(r"b'([^']*)'", r"\1", message)
+  return " ".join(message.split())[:200]
 
 
 def _signature(fn) -> inspect.Signature:
