@@ -7,6 +7,7 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "absl-py==2.5.1",
     "clu==0.0.12",
+    "etils[epath]==1.15.0",  # Imported directly (workdir lock); orbax's path layer too.
     "flax==0.12.8",
     "importlib_resources==7.1.0",  # Needed by tensorflow-datasets 4.9.10, not declared by it.
     "jax==0.10.2",

@@ -214,3 +214,15 @@ def test_fault_matrix_subset(tmp_path, data_dir, capsys):
     assert row.nothing_lost.startswith("yes: 2 checkpoints ("), row
   assert killed.nothing_lost.endswith("the dead run's lock taken over") or (
       "finished" in killed.outcome)
+
+
+def test_metrics_after_a_line_cut_by_a_full_disk_start_on_a_new_line(tmp_path):
+  from big_transfer import metrics  # pylint: disable=g-import-not-at-top
+  cut = b'{"step": 2, "train/loss": 2.3}\n{"step": 4, "train/lo'
+  (tmp_path / "metrics.jsonl").write_bytes(cut)
+  writer = metrics.Writer(str(tmp_path))
+  writer.write(5, {"train/loss": 1.0})
+  writer.write(6, {"train/loss": 0.5})
+  writer.close()
+  assert (tmp_path / "metrics.jsonl").read_bytes() == cut + (
+      b'\n{"step": 5, "train/loss": 1.0}\n{"step": 6, "train/loss": 0.5}\n')
