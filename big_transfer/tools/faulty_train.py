@@ -8,8 +8,9 @@ $BIT_FAULT is JSON {"kind": ..., "at": N, "delay": seconds[, "limit": bytes]}:
   kill_save   SIGKILL `delay` s after the save of step N starts (its files are being written)
   fsize       from the save of step N on, files may not grow past `limit` bytes
               (RLIMIT_FSIZE, with SIGXFSZ ignored: writes fail with EFBIG, as on a full disk)
-  readonly    at the save of step N the workdir's file system turns read-only (remounted when
-              it is a mount point and we are root, else write permission removed)
+  readonly    at the save of step N the workdir turns read-only: the file system of its
+              checkpoints/ when that is a mount point and we are root (root writes through
+              permissions), else the write permissions of every file and folder
 The faults hook the trainer's own functions, so the trainer itself carries no test code.
 """
 
@@ -37,8 +38,9 @@ def _signal_later(sig: int) -> None:
 
 
 def _make_readonly(workdir: str) -> None:
-  if os.geteuid() == 0 and os.path.ismount(workdir):
-    subprocess.run(["mount", "-o", "remount,ro", workdir], check=True)
+  checkpoints_dir = os.path.join(workdir, "checkpoints")
+  if os.geteuid() == 0 and os.path.ismount(checkpoints_dir):
+    subprocess.run(["mount", "-o", "remount,ro", checkpoints_dir], check=True)
     return
   for folder, dirs, files in os.walk(workdir):
     for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
