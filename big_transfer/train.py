@@ -8,6 +8,7 @@ elsewhere give `--coordinator_address=host:port --num_processes=N --process_id=i
 """
 
 import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -42,12 +43,19 @@ def main(argv):
   from big_transfer import trainer
   try:
     trainer.run(cli.CONFIG.value, WORKDIR.value)
-  except (errors.UserError, errors.TrainingError) as e:
+  except errors.UserError as e:
     sys.exit(f"error: {e}")
-  except OSError as e:  # The machine's, not the program's: a full disk, a read-only workdir.
-    sys.exit(f"error: Cannot write {e.filename or 'to the workdir'} ({e.strerror or e}); free "
-             "disk space or make the workdir writable, then rerun the same command to resume "
-             "from its newest checkpoint.")
+  except (errors.TrainingError, OSError) as e:
+    if isinstance(e, OSError):  # The machine's, not the program's: a full disk, a read-only
+      e = (f"Cannot write {e.filename or 'to the workdir'} ({e.strerror or e}); free disk "
+           "space or make the workdir writable, then rerun the same command to resume from its "
+           "newest checkpoint.")
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # After a failed checkpoint write orbax's writer threads may wait forever for a signal
+    # (seen with a read-only workdir) and keep the interpreter from exiting; the trainer has
+    # already closed what it opened.
+    os._exit(1)  # pylint: disable=protected-access
 
 
 class _OneLineLibraryErrors(std_logging.Filter):

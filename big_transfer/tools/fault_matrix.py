@@ -506,7 +506,7 @@ def run_matrix(cases: list[str], *, repeats: int, seed: int, scratch: str, data_
       try:
         results.append(function(matrix, rng, f"{name}_{attempt}"))
       except CaseFailed as e:
-        results.append((f"FAILED: {e}", "", "no"))
+        results.append((f"FAILED: {str(e)[-600:]}", "", "no"))
       log(f"[{time.time() - started:6.0f} s] {name} try {attempt + 1}/{tries}: {results[-1][0]}")
     failed = [r for r in results if r[0].startswith("FAILED")]
     outcome, kept, lost = (failed or results)[0]
@@ -516,11 +516,14 @@ def run_matrix(cases: list[str], *, repeats: int, seed: int, scratch: str, data_
   return rows
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Row], scratch: str = "") -> str:
+  """A Markdown table, one line per case (the scratch folder written as $SCRATCH)."""
+  def cell(text) -> str:
+    text = " ".join(str(text).replace("|", "/").split())
+    return text.replace(scratch, "$SCRATCH") if scratch else text
   lines = ["| case | fault | tries | outcome | kept | nothing lost |",
            "| --- | --- | --- | --- | --- | --- |"]
-  lines += [f"| {r.case} | {r.fault} | {r.tries} | {r.outcome.replace('|', '/')} | {r.kept} | "
-            f"{r.nothing_lost} |" for r in rows]
+  lines += ["| " + " | ".join(cell(v) for v in dataclasses.astuple(r)) + " |" for r in rows]
   return "\n".join(lines)
 
 
@@ -546,7 +549,7 @@ def main(argv=None) -> int:
   rows = run_matrix(cases, repeats=REPEATS if args.full else 1, seed=args.seed,
                     scratch=scratch, data_dir=data_dir, reference=args.full or args.reference,
                     log=lambda line: print(line, file=sys.stderr, flush=True))
-  print(table(rows))
+  print(table(rows, scratch))
   return int(any(r.outcome.startswith("FAILED") for r in rows))
 
 
