@@ -132,8 +132,11 @@ class Manager:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many)
-      code = re.search(r"os_error_code='(\d+)'", str(e))
-      reason = os.strerror(int(code[1])) if code else " ".join(str(e).split())[:200]
+      code = re.search(r"os_error_code='(\d+)'", str(e))  # Tensorstore's wording.
+      if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+      else:
+        reason = os.strerror(int(code[1])) if code else " ".join(str(e).split())[:200]
       directory = os.path.join(self._workdir, "checkpoints")
       kept = [int(n) for n in os.listdir(directory) if n.isdigit()]
       intact = (f"the newest complete checkpoint, step {max(kept)}, is intact" if kept
