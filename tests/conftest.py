@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import types
+import unittest.mock
 
 import pytest
 
@@ -93,7 +94,9 @@ def run_cli(*argv):
   argv = ["train", *argv]
   saved_argv, sys.argv = sys.argv, argv  # ml_collections reads the overrides from sys.argv.
   try:
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+    # The CLI ends a TrainingError with os._exit (see train.main): here, a SystemExit.
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()), \
+         unittest.mock.patch.object(os, "_exit", sys.exit):
       train.main(cli.parse_flags(argv))
   except SystemExit as e:
     if isinstance(e.code, str):
