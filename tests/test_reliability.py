@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from big_transfer import checkpoints, workdirs
-from big_transfer.errors import UserError
+from big_transfer.errors import TrainingError, UserError
 from big_transfer.tools import fault_matrix
+from conftest import ROOT, error_line, run_cli
 
 # ---- The workdir lock -----------------------------------------------------------------------
 
@@ -211,3 +212,21 @@ def test_fault_matrix_subset(tmp_path, data_dir):
   assert row.outcome.endswith("the first run finished untouched"), row
   assert re.fullmatch(r"yes: 2 checkpoints \(\d+ files\) hashed, 6 metrics lines kept",
                       row.nothing_lost), row
+
+
+@pytest.mark.parametrize("error, line", [
+    (TrainingError("Loss or gradient became NaN/Inf at step 7; lower --config.lr."),
+     "error: Loss or gradient became NaN/Inf at step 7; lower --config.lr."),
+    (OSError(28, "No space left on device", "/w/metrics.jsonl"),
+     "error: Cannot write /w/metrics.jsonl (No space left on device); free disk space or make the "
+     "workdir writable, then rerun the same command to resume from its newest checkpoint."),
+])
+def test_a_failing_machine_ends_in_one_line(monkeypatch, tmp_path, error, line):
+  from big_transfer import trainer  # pylint: disable=g-import-not-at-top
+
+  def fail(config, workdir):
+    raise error
+
+  monkeypatch.setattr(trainer, "run", fail)
+  proc = run_cli(f"--config={ROOT}/configs/demo.py", f"--workdir={tmp_path}")
+  assert proc.returncode == 1 and error_line(proc) == line
