@@ -222,9 +222,10 @@ def test_zero_byte_first_image_is_named_by_the_hyperrule_probe(tmp_path):
 
 def test_crop_larger_than_the_images_names_a_file(tmp_path):
   dataset = datasets.get(_folder(tmp_path))
-  with pytest.raises(UserError, match=r"^Preprocessing fails on image .*/test/[ab]/[01]\.jpg \(12x10\): "
-                                      r"Need value\.shape >= size, got 12, 10, 3 11, 11, 3; make the ops fit the images \(e\.g\. resize before "
-                                      r"random_crop\)\.$"):
+  with pytest.raises(UserError, match=r"^Preprocessing fails on image .*/test/[ab]/[01]\.jpg "
+                                      r"\(12x10\): Need value\.shape >= size, got 12, 10, 3 11, "
+                                      r"11, 3; make the ops fit the images \(e\.g\. resize "
+                                      r"before random_crop\)\.$"):
     list(pipeline.eval_iterator(dataset, "test", "decode|random_crop(11)", 4))
 
 
@@ -270,7 +271,8 @@ def test_npz_holding_pickled_objects_is_refused_unread(tmp_path):
   objects = np.empty(1, object)
   objects[0] = _Tripwire(str(tripwire))
   np.savez(path, **{"resnet/root_block/standardized_conv2d/kernel": objects})
-  with pytest.raises(UserError, match=r"^Cannot read .*BiT-M-R50x1\.npz as a BiT \.npz checkpoint "
-                                      r"\(Object arrays cannot be loaded when allow_pickle=False\)"):
+  with pytest.raises(UserError, match=r"^Cannot read .*BiT-M-R50x1\.npz as a BiT \.npz "
+                                      r"checkpoint \(Object arrays cannot be loaded when "
+                                      r"allow_pickle=False\)"):
     checkpoints.load_bit_npz(path)
   assert not tripwire.exists()

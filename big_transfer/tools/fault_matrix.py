@@ -377,7 +377,8 @@ def _refused(matrix, name, flags, expected: str, prepare: Callable[[str], None] 
     raise CaseFailed(f"unexpected error: {line}")
   after = snapshot(workdir)
   if after.files != before.files:
-    raise CaseFailed(f"the refused run changed {set(after.files.items()) ^ set(before.files.items())}")
+    changed = sorted(set(after.files.items()) ^ set(before.files.items()))
+    raise CaseFailed(f"the refused run changed {changed}")
   lost = check_nothing_lost(before, after) + f"; all {len(before.files)} workdir files unchanged"
   matrix.recover(workdir, after, BEFORE)
   return (f"exit 1: {line[len('error: '):]}; the original command then resumed from step "
