@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from etils import epath  # noqa: E402
 
-from big_transfer import checkpoints, models, trainer  # noqa: E402
+from big_transfer import checkpoints, models, workdirs  # noqa: E402
 from big_transfer.data import preprocess  # noqa: E402
 
 INIT = flags.DEFINE_string("init", None,
@@ -96,7 +96,7 @@ def read_names(path: str) -> list[str]:
 
 
 def _run_config(workdir: str) -> dict:
-  path = epath.Path(workdir) / trainer.CONFIG_FILE
+  path = epath.Path(workdir) / workdirs.CONFIG_NAME
   if not path.exists():
     raise errors.UserError(f"{path} is missing: predict reads the run's pp_eval and loss from it "
                            "(runs write it when they start); pass a run's workdir or an .npz.")
@@ -119,7 +119,7 @@ def load(path: str, *, names_file: str | None = None, resolution: int = 224,
   if is_workdir:
     pp_spec = config["pp_eval"]
     run_scores = "sigmoid" if config["loss"] == "sigmoid_xent" else "softmax"
-    stored_names = epath.Path(path) / trainer.CLASS_NAMES_FILE
+    stored_names = epath.Path(path) / workdirs.CLASS_NAMES_NAME
     if names_file is None and stored_names.exists():
       names_file = str(stored_names)
   else:

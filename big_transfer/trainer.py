@@ -24,12 +24,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_transfer import (checkpoints, evaluate, losses, metrics, models, optim, results,
-                          sharding, transfer)
+                          sharding, transfer, validate, workdirs)
 from big_transfer.data import mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
 
-CONFIG_FILE = "config.json"  # In the workdir: the config a run started with.
-CLASS_NAMES_FILE = "class_names.json"  # In the workdir: the dataset's class names, in label order.
 
 
 def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
@@ -270,20 +268,14 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
   return state, False
 
 
-def _write_config(config: ml_collections.ConfigDict, class_names: list[str],
-                  workdir: str) -> None:
-  """`<workdir>/config.json`, the resolved config the run started with, and
-  `<workdir>/class_names.json`, the dataset's class names (so tools such as predict name the
-  classes without the dataset); process 0 writes them."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json(indent=2, sort_keys=True) + "\n")
-    with open(os.path.join(workdir, CLASS_NAMES_FILE), "w") as f:
-      json.dump(list(class_names), f, indent=0)
-      f.write("\n")
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Checks the config, locks the workdir (one run at a time) and trains or resumes: `_run`."""
+  validate.check_config(config)
+  with workdirs.Lock(workdir):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics
   (empty when preempted). Checkpoints being written are completed whatever happens."""
   started = time.monotonic()
@@ -293,6 +285,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   config, dataset = resolved.config, resolved.dataset
   for note in resolved.notes:
     metrics.log(note)
+  workdirs.check_resumable(config, workdir)  # The resolved config, as config.json records it.
   subset = transfer.train_subset(config, dataset)
   num_train = dataset.num_examples(config.train_split) if subset is None else len(subset)
   num_classes = _num_classes(config, dataset)
@@ -314,7 +307,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         state = setup.init(jax.random.key(config.seed))
         if params is not None:  # SGD's momentum starts at zero whatever the params.
           state["params"] = params
-        _write_config(config, dataset.class_names(), workdir)
+        workdirs.record_config(config, dataset.class_names(), workdir)
       start_step = int(jax.device_get(state["step"]))
       num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
       shots = f" ({config.shots} per class)" if config.shots else ""

@@ -15,7 +15,7 @@ from absl.testing import flagsaver
 from PIL import Image
 
 from big_transfer import (checkpoints, config_common, export, models, plot, predict, sharding,
-                          trainer)
+                          trainer, workdirs)
 from big_transfer.data import preprocess
 from big_transfer.errors import UserError
 from configs import demo
@@ -74,7 +74,7 @@ def run_cli(module, *argv) -> str | None:
 
 
 def test_trainer_records_the_class_names(workdir):
-  with open(os.path.join(workdir, trainer.CLASS_NAMES_FILE)) as f:
+  with open(os.path.join(workdir, workdirs.CLASS_NAMES_NAME)) as f:
     assert json.load(f) == CLASSES
 
 
