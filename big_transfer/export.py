@@ -22,7 +22,8 @@ from absl import app, flags, logging
 
 from big_transfer import checkpoints, errors
 
-WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (its newest checkpoint).")
+WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (its newest checkpoint).",
+                              allow_override=True)  # train.py defines it too (tests import both).
 # allow_override: plot also names its output --out, and the tests import both modules.
 OUT = flags.DEFINE_string("out", None, "The .npz file to write.", allow_override=True)
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")

@@ -269,23 +269,26 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Checks the config, locks the workdir (one run at a time) and trains or resumes: `_run`."""
-  validate.check_config(config)
-  with workdirs.Lock(workdir):
-    return _run(config, workdir)
-
-
-def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics
-  (empty when preempted). Checkpoints being written are completed whatever happens."""
+  """Checks the config, resolves its data (and a transfer config's HyperRule), locks the
+  workdir (one run at a time) and trains or resumes: `_run`. Nothing is written before the
+  lock, so a refused config or unprepared dataset leaves the workdir as it was."""
   started = time.monotonic()
-  mesh = sharding.make_mesh()
-  # ---- Transfer: the data, VTAB splits, HyperRule fields, few-shot subset (transfer.py) ----
+  validate.check_config(config)
+  # ---- Transfer: the data, VTAB splits, HyperRule fields (transfer.py) ----
   resolved = transfer.resolve(config)
-  config, dataset = resolved.config, resolved.dataset
   for note in resolved.notes:
     metrics.log(note)
-  workdirs.check_resumable(config, workdir)  # The resolved config, as config.json records it.
+  validate.check_config(resolved.config)  # Now with the HyperRule's choices.
+  with workdirs.Lock(workdir):
+    workdirs.check_resumable(resolved.config, workdir)  # As config.json records it.
+    return _run(resolved.config, resolved.dataset, workdir, started)
+
+
+def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
+         started: float) -> dict[str, float]:
+  """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics
+  (empty when preempted). Checkpoints being written are completed whatever happens."""
+  mesh = sharding.make_mesh()
   subset = transfer.train_subset(config, dataset)
   num_train = dataset.num_examples(config.train_split) if subset is None else len(subset)
   num_classes = _num_classes(config, dataset)

@@ -25,14 +25,18 @@ _PROBE_SIZES = ((521, 524), (613, 616))
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """UserError (one line, naming the fix) for the first invalid value of `config`."""
+  """UserError (one line, naming the fix) for the first invalid value of `config`.
+
+  A transfer config leaves the HyperRule's fields unset (None) until `transfer.resolve` reads
+  the data: those are skipped here, and the trainer checks the resolved config again.
+  """
   num_devices = num_devices or jax.device_count()
   if not config.dataset:
     raise UserError("No dataset: set --config.dataset (sklearn_digits, folder:ROOT or a TFDS "
                     "name).")
   _check_optimization(config)
   _check_batches(config, num_devices)
-  _check_durations(config)
+  _check_durations(config, rule_fills="hyperrule" in config)
   _check_choice("loss", config.loss, losses.LOSSES)
   _check_choice("schedule.kind", config.schedule.kind, SCHEDULES)
   _check_choice("state_sharding", config.state_sharding, sharding.STATE_SHARDINGS)
@@ -48,7 +52,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
       raise UserError(f"{key} {config[key]} must be at least {minimum}; e.g. "
                       f"--config.{key}={max(minimum, 1)}.")
   for key in ("pp_train", "pp_eval"):
-    check_preprocessing(key, config[key])
+    if config[key] is not None:
+      check_preprocessing(key, config[key])
 
 
 def _check_choice(key: str, value, valid) -> None:
@@ -78,7 +83,8 @@ def _check_optimization(config) -> None:
                     "--config.wd_mask='.*/kernel'.") from None
   if config.get("grad_clip_norm") is not None:
     _positive("grad_clip_norm", config.grad_clip_norm, 1.0)
-  if not (math.isfinite(config.mixup_alpha) and config.mixup_alpha >= 0):
+  if config.mixup_alpha is not None and not (math.isfinite(config.mixup_alpha)
+                                             and config.mixup_alpha >= 0):
     raise UserError(f"mixup_alpha {config.mixup_alpha} must be >= 0 (0: no MixUp; "
                     "BiT-HyperRule: 0.1).")
   _positive("schedule.decay_factor", config.schedule.decay_factor, 0.1)
@@ -102,8 +108,9 @@ def _check_batches(config, num_devices: int) -> None:
                     f"{per_device} (batch_size {config.batch_size} over {num_devices} devices).")
 
 
-def _check_durations(config) -> None:
-  """The total and the schedule's durations, in the unit `optim.Durations` will read."""
+def _check_durations(config, rule_fills: bool) -> None:
+  """The total and the schedule's durations, in the unit `optim.Durations` will read; with
+  `rule_fills` an unset total is the HyperRule's to choose."""
   for node, name, prefix in ((config, "total", ""), (config.schedule, "warmup", "schedule."),
                              (config.schedule, "decay", "schedule.")):
     for unit in ("steps", "examples", "epochs"):
@@ -121,7 +128,7 @@ def _check_durations(config) -> None:
         raise UserError(f"{key} {value} must be >= 0.")
       break  # Durations reads the first unit set.
     else:
-      if name == "total":
+      if name == "total" and not rule_fills:
         raise UserError("No training length: set one of --config.total_steps, total_examples "
                         "or total_epochs.")
 
