@@ -29,9 +29,11 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
-        # Only for `python -m big_transfer.plan --topology=...` (ahead-of-time TPU compiles with
-        # no TPU attached): the libtpu that jax 0.10.2's own `tpu` extra pins (0.0.42.*).
-        "tpu": ["libtpu==0.0.42.1"],
+        # matplotlib: the plot of `plan --scaling`, tested without libtpu.
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "matplotlib==3.11.2"],
+        # Only for `python -m big_transfer.plan --topology=...` or `--scaling=...` (ahead-of-time
+        # TPU compiles with no TPU attached): the libtpu that jax 0.10.2's own `tpu` extra pins
+        # (0.0.42.*), and matplotlib for the scaling plot.
+        "tpu": ["libtpu==0.0.42.1", "matplotlib==3.11.2"],
     },
 )
