@@ -354,7 +354,7 @@ def table(rows: list[Row]) -> str:
                 _ms(t.hbm), _ms(t.communication),
                 f"{_ms(t.overlapped)} ({_ms(t.serial)})",
                 t.bound, f"{row.img_per_s:,.0f}", f"{row.efficiency:.2f}",
-                "-" if math.isnan(row.schedule_hours) else f"{row.schedule_hours / 24:.1f}",
+                "-" if math.isnan(row.schedule_hours) else f"{row.schedule_hours / 24:.3g}",
                 "-" if math.isnan(row.chip_hours) else f"{row.chip_hours:,.0f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
