@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from big_transfer import config_common, plan, scaling, sharding
+from big_transfer import config_common, errors, plan, scaling, sharding
 from conftest import ROOT
 from configs import bit_m, demo
 
@@ -214,14 +214,16 @@ def _run_plan(*flags):
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--scaling=v9:1x1"], "error: Cannot make TPU topology 'v9:1x1'"),
-    (["--scaling=v3:2x2", "--mfu=1.5"], "error: --mfu must be in (0, 1], got 1.5."),
-])
-def test_scaling_bad_input_is_one_line(flags, message):
-  proc = _run_plan(*flags)
+def test_scaling_bad_topology_is_one_line():
+  proc = _run_plan("--scaling=v9:1x1")
   assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1].startswith(message)
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "error: Cannot make TPU topology 'v9:1x1'")
+
+
+def test_scaling_refuses_an_mfu_outside_0_1():
+  with pytest.raises(errors.UserError, match=r"^--mfu must be in \(0, 1\], got 1.5.$"):
+    plan.run_scaling(_tiny(), ["v3:2x2"], 1.5, None, "unused.png", None)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
