@@ -10,8 +10,8 @@ compiled program holds and turns it into time:
   utilization (MFU); HBM traffic (the compiler's bytes accessed) at the chip's bandwidth;
   collectives at the interconnect's bandwidth with ring costs; overlapped (the largest of the
   three) and serial (compute or HBM, then communication). The largest term names the bound.
-- `scaling_rows(...)`: img/s, efficiency against the smallest topology, time and chip-hours of
-  a whole schedule.
+- `scaling_rows(...)`: img/s, efficiency against the generation's smallest topology, time
+  and chip-hours of a whole schedule; `table` and `plot` show them.
 
 Bytes convention (per device, what `Collective.bytes` holds): the whole buffer of the
 collective, i.e. the all-reduced buffer, the gathered result of an all-gather, the unreduced
@@ -28,7 +28,7 @@ import re
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
-# Bytes per element of HLO primitive types (sub-byte types rounded up: not used in this step).
+# Bytes per element of HLO primitive types; f8 variants take 1, others (tokens, sub-byte) 0.
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
