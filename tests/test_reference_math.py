@@ -86,11 +86,15 @@ def test_group_norm_statistics_are_float32_in_a_bfloat16_model():
 
 def test_weight_standardization_matches_numpy_with_variance_near_eps():
   rng = np.random.default_rng(2)
-  # Offsets differ per (input, output) channel, so statistics over (H, W) alone differ from
-  # those over (H, W, In); spreads from 1e-6 to 1e-4 put the variance around eps 1e-10.
-  spread = np.exp(rng.uniform(np.log(1e-6), np.log(1e-4), (1, 1, 1, 8)))
-  offset = rng.uniform(-0.01, 0.01, (1, 1, 6, 8))
-  kernel = (offset + spread * rng.standard_normal((3, 3, 6, 8))).astype(np.float32)
+  # Per output channel a mean and a spread of 3e-6 to 3e-5, so the variance over (H, W, In)
+  # is 2e-11 to 2e-9, around eps 1e-10; the mean of each input channel's 3x3 slice is off by
+  # about a spread, so statistics over (H, W) alone differ from those over (H, W, In).
+  mean = rng.uniform(-1e-3, 1e-3, (1, 1, 1, 8))
+  spread = np.exp(rng.uniform(np.log(3e-6), np.log(3e-5), (1, 1, 1, 8)))
+  per_input = spread * rng.standard_normal((1, 1, 6, 8))
+  kernel = (mean + per_input + spread * rng.standard_normal((3, 3, 6, 8))).astype(np.float32)
+  variance = kernel.astype(np.float64).reshape(-1, 8).var(0)
+  assert variance.min() < 1e-10 < variance.max() < 1e-8
   expected = standardize_reference(kernel)
   np.testing.assert_allclose(bit.standardize(kernel), expected, rtol=1e-3, atol=1e-3)
   # StdConv convolves with exactly that kernel.
