@@ -1,5 +1,6 @@
-"""The real jitted update step (`trainer.build`) against references outside it: a run that
-never saw the NaN batch, and the batch mixed by hand with MixUp's documented key and formula.
+"""The real jitted update step (`trainer.build`) against references outside it: `jax.grad` of
+the loss written out, a run that never saw the NaN batch, and the batch mixed by hand with
+MixUp's documented key and formula.
 
 The step does not depend on the network, so it is built around a one-block BiT ResNet-v2 (the
 model classes of R14x1, compiled in a quarter of the time) and started from a random state made
@@ -124,7 +125,8 @@ def test_nan_batch_changes_nothing_and_training_continues_as_without_it(plain):
   # The momentum really is state that a NaN would reach: non-zero after the first step.
   assert any(np.any(x != 0) for x in jax.tree.leaves(with_nan[0]["opt_state"])
              if np.issubdtype(x.dtype, np.floating))
-  # Afterwards, exactly the run that never saw it (same lr schedule position included).
+  # Afterwards, exactly the run that never saw it: the optimizer's step count, which sets the
+  # warmup lr, did not advance either.
   for after_nan, clean in zip(with_nan[2:], without[1:]):
     _assert_trees_equal(after_nan["params"], clean["params"], "params")
     _assert_trees_equal(after_nan["opt_state"], clean["opt_state"], "opt_state")
