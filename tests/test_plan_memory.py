@@ -9,7 +9,7 @@ import jax
 import pytest
 from jax.experimental import topologies
 
-from big_transfer import config_common, plan
+from big_transfer import config_common, plan, scaling
 from configs import demo
 
 GiB = plan.GiB
@@ -112,6 +112,10 @@ def test_compiler_numbers_reach_the_plan(monkeypatch):
     def cost_analysis(self):
       return {"flops": 1000.0}
 
+    def as_text(self):  # One all-reduce of 4 floats over every device, once per step.
+      return ("ENTRY %main () -> f32[4] {\n"
+              "  ROOT %ar = f32[4]{0} all-reduce(%g), channel_id=1, to_apply=%add\n}\n")
+
   def compile_():
     if "error" in outcome:
       raise outcome["error"]
@@ -128,6 +132,7 @@ def test_compiler_numbers_reach_the_plan(monkeypatch):
   assert result.memory == plan.Memory(11, 13, 5, 17, 3, 19)
   assert result.memory.total == 11 + 13 - 5 + 17 + 3
   assert result.flops == 4000.0 and result.batch_per_device == 8
+  assert result.collectives == (scaling.Collective("all-reduce", 16, jax.device_count()),)
   outcome["error"] = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in hbm")
   refused = plan.compile_step(config, target)
   assert refused.memory is None and not refused.fits(None)
