@@ -5,11 +5,15 @@ from mutations import Mutation
 CKPT = "big_transfer/checkpoints.py"
 T = "tests/test_checkpoints.py"
 TRUNCATED = "tests/test_resilience.py::test_truncated_latest_checkpoint_falls_back"
+BIT_FLIP = ("tests/test_reliability.py::"
+            "test_a_bit_flipped_checkpoint_is_moved_aside_and_the_previous_one_used")
+RESTORE_FAILS = ("(any failure: try an older one)\n"
+                 "        self._quarantine(step, e)\n        continue\n")
 
 MUTATIONS = [
     Mutation("head_kernel_not_reshaped", CKPT,
-             "flat[HEAD_KERNEL] = flat[HEAD_KERNEL][None, None]",
-             "flat[HEAD_KERNEL] = flat[HEAD_KERNEL]",
+             "(1, 1, C, N).\n    flat[HEAD_KERNEL] = flat[HEAD_KERNEL][None, None]",
+             "(1, 1, C, N).\n    flat[HEAD_KERNEL] = flat[HEAD_KERNEL]",
              (f"{T}::test_load_save_load_is_bitwise_and_reproduces_the_official_file",),
              "head kernel saved as (C, N), not the official (1, 1, C, N)"),
     Mutation("numbered_convs_one_digit", CKPT, r'r"/standardized_conv2d_\d+/"',
@@ -31,6 +35,8 @@ MUTATIONS = [
              'shutil.move(os.path.join(self._workdir, "checkpoints", str(step)), target)',
              'shutil.rmtree(os.path.join(self._workdir, "checkpoints", str(step)))', (TRUNCATED,),
              "an unreadable checkpoint is deleted instead of moved aside"),
-    Mutation("no_fallback_to_older_checkpoint", CKPT, "self._quarantine(step, e)\n        continue",
-             "raise", (TRUNCATED,), "a truncated latest checkpoint stops the run"),
+    Mutation("no_fallback_to_older_checkpoint", CKPT, RESTORE_FAILS, "raise\n",
+             (BIT_FLIP, TRUNCATED), "a corrupt latest checkpoint stops the run"),
+    Mutation("checksums_not_verified", CKPT, "        self._verify(step, state)\n", "",
+             (BIT_FLIP,), "a bit-flipped checkpoint restores silently"),
 ]
