@@ -85,13 +85,20 @@ def check_applies(copy: pathlib.Path, mutation: mutations.Mutation) -> str | Non
     return f"its text occurs {count} times in {mutation.path} (must be once)"
   if mutation.old == mutation.new:
     return "old and new are the same"
+  if path.suffix == ".py":
+    try:
+      compile(path.read_text().replace(mutation.old, mutation.new), str(path), "exec")
+    except SyntaxError as e:
+      return f"the mutant is not valid Python: {e}"
   return None
 
 
 def run_pytest(copy: pathlib.Path, tests, timeout: float) -> tuple[int | None, str]:
   """(exit code or None on timeout, output) of `pytest -x -n 0 tests` in the copy."""
-  env = {**os.environ, "PYTHONPATH": str(copy)}
-  # The copy sits elsewhere: point the tests at the data the checkout sees.
+  # The copy sits elsewhere: point the tests at the data the checkout sees. CI=true: a test
+  # that skips for missing data would count every mutation it should catch as survived, so
+  # missing data fails the baseline instead (conftest.require_data).
+  env = {**os.environ, "PYTHONPATH": str(copy), "CI": "true"}
   env.setdefault("BIT_CIFAR10", str(ROOT.parent / "shared" / "data" / "cifar10"))
   cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-rf", "--no-header",
          "-p", "no:cacheprovider", *tests]
