@@ -76,6 +76,10 @@ def base() -> ml_collections.ConfigDict:
   config.eval_every_steps = 1000  # 0: only at the end.
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
+  # TensorBoard events in the workdir. Written through TensorFlow's own file system, which
+  # reaches Cloud Storage but no emulator nor other store (docs/cloud_storage.md): turn off to
+  # run on such a workdir with metrics.jsonl alone.
+  config.tensorboard = True
   return config
 
 
