@@ -76,12 +76,16 @@ def base() -> ml_collections.ConfigDict:
   config.eval_every_steps = 1000  # 0: only at the end.
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
+  # TensorBoard events in the workdir. Written through TensorFlow's own file system, which
+  # reaches Cloud Storage but no emulator nor other store (docs/cloud_storage.md): turn off to
+  # run on such a workdir with metrics.jsonl alone.
+  config.tensorboard = True
   return config
 
 
 def upstream(model: str, *, dataset: str, num_classes: int, loss: str, total_epochs: float,
              decay_epochs: tuple[float, ...]) -> ml_collections.ConfigDict:
-  """The BiT upstream recipe (paper §3.3, ../shared/REFERENCE.md §3): SGD momentum 0.9,
+  """The BiT upstream recipe (paper arXiv 1912.11370 §3.3): SGD momentum 0.9,
   lr 0.03 x batch/256, batch 4096, 5000 warmup steps, /10 stair decays, wd 1e-4,
   inception crop 224 + random flip, pixels in [-1, 1]."""
   config = base()

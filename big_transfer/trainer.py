@@ -327,7 +327,7 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
 
   with jax.set_mesh(mesh):
     ckpt = checkpoints.Manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    writer = metrics.Writer(workdir)
+    writer = metrics.Writer(workdir, config.tensorboard)
     try:
       state = ckpt.restore(setup.abstract_state)
       if state is None:

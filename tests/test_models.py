@@ -1,4 +1,5 @@
-"""The BiT ResNet-v2 model: architecture facts from ../shared/REFERENCE.md §1."""
+"""The BiT ResNet-v2 model (paper arXiv 1912.11370 §2.1; google-research/big_transfer
+bit_jax/models.py; timm resnetv2.py)."""
 
 import functools
 
@@ -11,7 +12,8 @@ from big_transfer import models
 from big_transfer.errors import UserError
 from big_transfer.models import bit
 
-# REFERENCE.md §1: parameters of the released checkpoints (backbone, +1000 head, +21843 head).
+# Parameters of the released checkpoints (backbone, +1000 head, +21843 head), from their array
+# shapes; timm's resnetv2_*_bit model cards list the same counts in millions.
 PARAM_COUNTS = {
     "R50x1": (23_500_352, 25_549_352, 68_256_659),
     "R101x1": (42_492_480, 44_541_480, 87_248_787),
@@ -20,7 +22,7 @@ PARAM_COUNTS = {
     "R152x2": (232_238_208, 236_335_208, 321_728_979),
     "R152x4": (928_340_224, 936_533_224, 1_107_299_923),
 }
-ROUNDED = {  # The table's rounded millions, to tie the exact figures above to the reference.
+ROUNDED = {  # timm's rounded millions, to tie the exact figures above to them.
     "R50x1": (23.50, 25.55, 68.26), "R101x1": (42.49, 44.54, 87.25),
     "R50x3": (211.17, 217.32, 345.40), "R101x3": (381.79, 387.93, 516.02),
     "R152x2": (232.24, 236.34, 321.73), "R152x4": (928.34, 936.53, 1107.30),

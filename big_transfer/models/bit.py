@@ -1,6 +1,7 @@
 """BiT ResNet-v2: pre-activation bottlenecks with GroupNorm + Weight Standardization.
 
-Exact to the released BiT checkpoints (../shared/REFERENCE.md §1). Parameter names follow the
+Exact to the released BiT checkpoints (paper arXiv 1912.11370 §2.1, official
+google-research/big_transfer bit_jax/models.py). Parameter names follow the
 official `.npz` key scheme (`root_block/standardized_conv2d/kernel`,
 `block1/unit01/a/group_norm/gamma`, ..., `head/conv2d/kernel`), so mapping a checkpoint is a
 rename of the `resnet/` prefix plus the head kernel's (1, 1, C, N) <-> (C, N) reshape.
