@@ -11,10 +11,10 @@ after 5 warmup epochs, BCE (mean over classes, losses.bce), MixUp + CutMix (alph
 per batch with probability 0.5), RandAugment (2 ops, magnitude std 0.5), inception crop (8-100%
 of the area) and flip, evaluation at 224 px with a 0.95 centre crop (resize 235, crop 224).
 
-    | procedure | epochs | lr   | wd   | smoothing | mixup | RandAug | repeats | drop path | res     |
-    | A1        | 600    | 5e-3 | 0.01 | 0.1       | 0.2   | m7      | 3       | 0.05      | 224/224 |
-    | A2        | 300    | 5e-3 | 0.02 | -         | 0.1   | m7      | 3       | 0.05      | 224/224 |
-    | A3        | 100    | 8e-3 | 0.02 | -         | 0.1   | m6      | -       | -         | 160/224 |
+    procedure  epochs  lr    wd    smoothing  mixup  RandAug  repeats  drop path  train/test
+    A1         600     5e-3  0.01  0.1        0.2    m7       3        0.05       224/224
+    A2         300     5e-3  0.02  -          0.1    m7       3        0.05       224/224
+    A3         100     8e-3  0.02  -          0.1    m6       -        -          160/224
 
 The paper's ResNet-50 (BN, torchvision layout) reaches 80.4 / 79.8 / 78.1% top-1 on ImageNet
 (A1 / A2 / A3); these configs train BiT's GN+WS ResNet-v2, to which the numbers are a target,

@@ -80,25 +80,25 @@ def _constant_batch(n=8, size=32):
 
 def test_cutmix_box_area_and_labels_mixed_by_the_clipped_area():
   size, lam = 32, 0.75  # Box sides round(0.5 * 32) = 16: a quarter of the image unclipped.
-  areas = np.array([float(mixup.cutmix_box(jax.random.key(i), size, size, lam).mean())
-                    for i in range(200)])
+  keys = jax.random.split(jax.random.key(0), 200)
+  boxes = jax.jit(jax.vmap(lambda k: mixup.cutmix_box(k, size, size, lam)))(keys)
+  areas = np.asarray(boxes).mean(axis=(1, 2))
   assert np.isclose(areas.max(), 1 - lam)  # Never larger than 1 - lambda ...
   assert areas.min() < 1 - lam - 0.05  # ... smaller where the border clips it.
-  batch = _constant_batch()
-  for i in range(20):
-    mixed = mixup.cutmix(jax.random.key(i), batch, alpha=1.0)
-    pasted = np.mean(np.asarray(mixed["image"][0, ..., 0]) == 7)  # Image 0 takes from 7.
-    np.testing.assert_allclose(mixed["labels"][0, 7], pasted, atol=1e-6)
-    np.testing.assert_allclose(mixed["labels"][0, 0], 1 - pasted, atol=1e-6)
-    np.testing.assert_allclose(mixed["labels"].sum(-1), 1.0, rtol=1e-6)
+  mixed = jax.jit(jax.vmap(lambda k: mixup.cutmix(k, _constant_batch(), alpha=1.0)))(keys[:20])
+  pasted = np.mean(np.asarray(mixed["image"][:, 0, ..., 0]) == 7, axis=(1, 2))  # 0 takes 7's.
+  np.testing.assert_allclose(mixed["labels"][:, 0, 7], pasted, atol=1e-6)
+  np.testing.assert_allclose(mixed["labels"][:, 0, 0], 1 - pasted, atol=1e-6)
+  np.testing.assert_allclose(mixed["labels"].sum(-1), 1.0, rtol=1e-6)
+  assert len(set(pasted)) > 10  # Boxes of many sizes.
 
 
 def test_mix_switches_between_mixup_and_cutmix_with_probability_half():
   batch = _constant_batch()
-  cut = 0
-  for i in range(200):
-    mixed = np.asarray(mixup.mix(jax.random.key(i), batch, 0.2, 1.0, 0.5)["image"][0, ..., 0])
-    cut += bool(np.all((mixed == 0) | (mixed == 7)))  # CutMix pastes; MixUp blends.
+  keys = jax.random.split(jax.random.key(1), 200)
+  mixed = jax.jit(jax.vmap(lambda k: mixup.mix(k, batch, 0.2, 1.0, 0.5)["image"][0, ..., 0]))(keys)
+  mixed = np.asarray(mixed)
+  cut = np.sum(np.all((mixed == 0) | (mixed == 7), axis=(1, 2)))  # CutMix pastes; MixUp blends.
   assert 70 <= cut <= 130, cut  # Binomial(200, 0.5): mean 100, std 7.
   # With CutMix off it is MixUp drawing as before (the BiT-HyperRule configs).
   key = jax.random.key(3)
