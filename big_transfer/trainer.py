@@ -149,7 +149,7 @@ class Setup:
   """Everything about a run that does not need data."""
   model: Any
   apply_fn: Callable
-  loss_fn: Callable
+  loss_fn: Callable  # Evaluation's loss against the labels (losses.eval_loss).
   schedule: optax.Schedule
   total_steps: int
   state_shardings: Any

@@ -108,6 +108,11 @@ def _check_recipe(config) -> None:
   if not (isinstance(config.aug_repeats, int) and config.aug_repeats >= 1):
     raise UserError(f"aug_repeats {config.aug_repeats} must be an integer >= 1 (1: off; "
                     "ResNet strikes back: 3).")
+  if (config.optimizer == "lamb" and config.model.head_zero_init
+      and re.fullmatch(config.wd_mask, "head/conv2d/kernel")):
+    raise UserError("optimizer lamb scales each update by the parameter's norm (trust ratio), "
+                    "so a zero-initialised head never grows; set "
+                    "--config.model.head_zero_init=False (configs/rsb.py does).")
   distill = config.distill
   if losses.uses_teacher(config.loss):
     if not distill.teacher or not distill.model:

@@ -25,7 +25,8 @@ scales LAMB's by the square root when it derives it).
 Cost (R50x1, ~24.6 GFLOPs per 224 px training image): A1 769M images = 19 EFLOP, A2 384M =
 9.5 EFLOP, A3 128M at 160 px = 1.6 EFLOP. At big_vision's ~930 img/s per TPU v3 chip for
 BiT-R50x1: A1 ~230, A2 ~115, A3 ~20 chip-hours (v3-32: 16 chips). Check memory first:
-`python -m big_transfer.plan --config=configs/rsb.py:A2,model=R152x2 --topology=v3:4x4`.
+`python -m big_transfer.plan --config=configs/rsb.py:A2,model=R50x1 --topology=v3:4x4` (R50x1:
+3.6 of 16 GiB per core at 64 images per core, float32).
 
 `local`: the same procedure on the embedded sklearn digits (1437 train images, 8x8 px
 upsampled): R14x1 (unless `model=`), 24 px training (A3: 20) and a 0.95 crop of 25 px for
@@ -91,6 +92,9 @@ def get_config(arg=None):
   config.train_split, config.eval_split = "train", "validation"
   config.model.name = values["model"] or "R50x1"
   config.model.drop_path_rate = recipe["drop_path"]
+  # A random head (timm's): LAMB scales each update by the parameter's norm, so a zero head
+  # (BiT's transfer init) would never grow.
+  config.model.head_zero_init = False
 
   config.optimizer = "lamb"
   config.batch_size = 2048

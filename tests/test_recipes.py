@@ -260,6 +260,7 @@ def test_repeated_augmentation_gives_each_process_distinct_copies(digits):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"optimizer": "adam"}, "Unknown optimizer 'adam'; valid: sgd, lamb"),
+    ({"model.head_zero_init": True}, "so a zero-initialised head never grows"),
     ({"label_smoothing": 1.0}, "label_smoothing 1.0 must be in [0, 1)"),
     ({"model.drop_path_rate": -0.1}, "model.drop_path_rate -0.1 must be in [0, 1)"),
     ({"cutmix_alpha": -1.0}, "cutmix_alpha -1.0 must be >= 0"),
