@@ -31,9 +31,9 @@ def base() -> ml_collections.ConfigDict:
   # cutmix_switch_prob, else MixUp (ResNet strikes back: alpha 1.0, switch 0.5).
   config.cutmix_alpha = 0.0
   config.cutmix_switch_prob = 0.5
-  # Repeated augmentation (Hoffer et al. 2020): each example read comes `aug_repeats` times in a
+  # Repeated augmentation (Hoffer et al. 2020): each example read comes `repeated_aug` times in a
   # row, each copy augmented with its own draws; epochs count the copies (as timm's sampler).
-  config.aug_repeats = 1
+  config.repeated_aug = 1
   config.shots = config_dict.placeholder(int)  # Train on this many examples per class (seed).
 
   # Model (big_transfer.models.get_model).

@@ -272,7 +272,7 @@ def _train_batches(config, dataset, local_batch: int, start_step: int, subset=No
   if config.input_sharding not in ("process", "global"):
     raise UserError(f"Unknown input_sharding {config.input_sharding!r}; valid: process, global.")
   kwargs = dict(seed=config.seed, shuffle_buffer=config.shuffle_buffer, cache=config.cache,
-                subset=subset, repeats=config.aug_repeats)
+                subset=subset, repeats=config.repeated_aug)
 
   def batches(pp, start):
     if config.input_sharding == "process":

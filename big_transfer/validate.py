@@ -105,8 +105,8 @@ def _check_recipe(config) -> None:
   if not 0 <= config.cutmix_switch_prob <= 1:
     raise UserError(f"cutmix_switch_prob {config.cutmix_switch_prob} must be in [0, 1] (the "
                     "share of batches mixed by CutMix when MixUp is on too; 0.5 in timm).")
-  if not (isinstance(config.aug_repeats, int) and config.aug_repeats >= 1):
-    raise UserError(f"aug_repeats {config.aug_repeats} must be an integer >= 1 (1: off; "
+  if not (isinstance(config.repeated_aug, int) and config.repeated_aug >= 1):
+    raise UserError(f"repeated_aug {config.repeated_aug} must be an integer >= 1 (1: off; "
                     "ResNet strikes back: 3).")
   if (config.optimizer == "lamb" and config.model.head_zero_init
       and re.fullmatch(config.wd_mask, "head/conv2d/kernel")):

@@ -264,7 +264,7 @@ def test_repeated_augmentation_gives_each_process_distinct_copies(digits):
     ({"label_smoothing": 1.0}, "label_smoothing 1.0 must be in [0, 1)"),
     ({"model.drop_path_rate": -0.1}, "model.drop_path_rate -0.1 must be in [0, 1)"),
     ({"cutmix_alpha": -1.0}, "cutmix_alpha -1.0 must be >= 0"),
-    ({"aug_repeats": 0}, "aug_repeats 0 must be an integer >= 1"),
+    ({"repeated_aug": 0}, "repeated_aug 0 must be an integer >= 1"),
     ({"loss": "distill_kl"}, "loss distill_kl needs a teacher: set --config.distill.teacher"),
     ({"distill.teacher": "t.npz"}, "distill.teacher is set but loss is bce"),
     ({"loss": "distill_kl", "distill.teacher": "t.npz", "distill.model": "R50x1",
