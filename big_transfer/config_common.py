@@ -43,9 +43,9 @@ def base() -> ml_collections.ConfigDict:
   config.model.head_zero_init = True
   config.model.head_bias_init = 0.0
   # Training-recipe options (big_transfer/models/bit.py), off for the released architecture.
-  config.model.residual_gain = False  # Zero-initialised residual gains (Bag of Tricks §3.2).
+  config.model.residual_gain = False  # Zero-initialised residual gains (Bag of Tricks §3.1).
   config.model.drop_path_rate = 0.0  # Stochastic depth at the last unit, 0 at the first.
-  config.model.avg_down = False  # ResNet-D average-pool shortcuts (Bag of Tricks §4.1).
+  config.model.avg_down = False  # ResNet-D average-pool shortcuts (Bag of Tricks §4.2).
   # Start from a checkpoint: a BiT .npz or a run's workdir (its newest checkpoint's params).
   # Its model must be config.model.name's. `init_head`: "reset" a zero head of the task's
   # classes (transfer), "keep" the file's head, "auto" keep it when the class counts match.

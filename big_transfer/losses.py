@@ -28,7 +28,7 @@ def sigmoid_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example sigmoid cross-entropy averaged over classes: the ResNet-strikes-back loss
-  (Wightman et al. 2021, arXiv 2110.00476, §3; timm's BinaryCrossEntropy, reduction 'mean').
+  (Wightman et al. 2021, arXiv 2110.00476, Table 1; timm's BinaryCrossEntropy, reduction 'mean').
 
   Averaged over the batch by the trainer this is timm's mean over batch x classes, i.e.
   `sigmoid_xent` / num_classes. The factor matters: gradient clipping (RSB clips the global

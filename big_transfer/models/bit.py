@@ -80,7 +80,7 @@ class GroupNorm(nn.Module):
 class Projection(nn.Module):
   """A block's 1x1 shortcut projection (official scope `a/proj`).
 
-  `avg_down`: ResNet-D (Bag of Tricks, He et al. 2019, arXiv 1812.01187, §4.1): a strided
+  `avg_down`: ResNet-D (Bag of Tricks, He et al. 2019, arXiv 1812.01187, §4.2): a strided
   projection becomes a 2x2 average pool with the stride, then a 1x1 conv with stride 1, so no
   activation is skipped. Odd sizes pool the last partial window over its valid pixels (timm's
   ceil_mode, count_include_pad=False), matching the 3x3 branch's ceil(size / stride). Same
@@ -135,7 +135,7 @@ class Unit(nn.Module):
 
   Options (all off by default, the released architecture):
     residual_gain: y is multiplied by a per-channel `residual_gain` parameter starting at
-      zero, so each unit starts as its shortcut: Bag of Tricks' zero-gamma (§3.2) for a
+      zero, so each unit starts as its shortcut: Bag of Tricks' zero-gamma (§3.1) for a
       pre-activation GN+WS unit, whose branch ends in a WS conv (zeroing that kernel is
       degenerate: standardization divides by sqrt(eps)); SkipInit (De & Smith 2020) with a
       vector. Not weight-decayed under the default `wd_mask` (kernels only).
