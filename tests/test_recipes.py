@@ -167,10 +167,10 @@ def test_stochastic_depth_drop_rate_and_deterministic_eval():
 
 
 def test_zero_initialised_residual_gain_starts_each_unit_as_its_shortcut():
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 64))
-  unit = bit.Unit(mid=16, residual_gain=True)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 128))
+  unit = bit.Unit(mid=32, residual_gain=True)
   variables = jax.jit(unit.init)(jax.random.key(1), x)
-  assert variables["params"]["residual_gain"].shape == (64,)
+  assert variables["params"]["residual_gain"].shape == (128,)
   np.testing.assert_array_equal(jax.jit(unit.apply)(variables, x), x)
   # Not weight-decayed by the default mask (kernels only), like Bag of Tricks' norm scales.
   model = models.get_model("R14x1", 10, residual_gain=True)
