@@ -79,15 +79,27 @@ class GroupNorm(nn.Module):
 
 
 class Projection(nn.Module):
-  """A block's 1x1 shortcut projection (official scope `a/proj`)."""
+  """A block's 1x1 shortcut projection (official scope `a/proj`).
+
+  `avg_down`: ResNet-D (Bag of Tricks, He et al. 2019, arXiv 1812.01187, §4.2): a strided
+  projection becomes a 2x2 average pool with the stride, then a 1x1 conv with stride 1, so no
+  activation is skipped. Odd sizes pool the last partial window over its valid pixels (timm's
+  ceil_mode, count_include_pad=False), matching the 3x3 branch's ceil(size / stride). Same
+  parameters either way.
+  """
   features: int
   strides: int
   dtype: Any = jnp.float32
+  avg_down: bool = False
 
   @nn.compact
   def __call__(self, x):
-    return StdConv(self.features, 1, self.strides, dtype=self.dtype,
-                   name="standardized_conv2d")(x)
+    strides = self.strides
+    if self.avg_down and strides > 1:
+      pad = [(0, -size % strides) for size in x.shape[1:3]]
+      x = nn.avg_pool(x, (strides, strides), (strides, strides), pad, count_include_pad=False)
+      strides = 1
+    return StdConv(self.features, 1, strides, dtype=self.dtype, name="standardized_conv2d")(x)
 
 
 class PreActConv(nn.Module):
@@ -102,6 +114,7 @@ class PreActConv(nn.Module):
   projection: int = 0
   projection_strides: int = 1
   dtype: Any = jnp.float32
+  avg_down: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -109,7 +122,7 @@ class PreActConv(nn.Module):
     shortcut = None
     if self.projection:
       shortcut = Projection(self.projection, self.projection_strides, dtype=self.dtype,
-                            name="proj")(x)
+                            avg_down=self.avg_down, name="proj")(x)
     y = StdConv(self.features, self.kernel_size, self.strides, self.kernel_size // 2,
                 dtype=self.dtype, name="standardized_conv2d")(x)
     return y, shortcut
@@ -120,34 +133,64 @@ class Unit(nn.Module):
 
   a = relu(GN(x)); shortcut = proj(a) in a block's first unit, else x;
   y = conv1x1(a) -> relu(GN) -> conv3x3 with the stride -> relu(GN) -> conv1x1; y + shortcut.
+
+  Options (all off by default, the released architecture):
+    residual_gain: y is multiplied by a per-channel `residual_gain` parameter starting at
+      zero, so each unit starts as its shortcut: Bag of Tricks' zero-gamma (§3.1) for a
+      pre-activation GN+WS unit, whose branch ends in a WS conv (zeroing that kernel is
+      degenerate: standardization divides by sqrt(eps)); SkipInit (De & Smith 2020) with a
+      vector. Not weight-decayed under the default `wd_mask` (kernels only).
+    drop_rate: stochastic depth (Huang et al. 2016): in training (`deterministic` False) the
+      branch of each example is dropped with this probability and scaled by 1/(1 - rate)
+      otherwise (timm's DropPath); draws from the "drop_path" rng.
+    avg_down: ResNet-D shortcut, see Projection.
   """
   mid: int
   strides: int = 1
   projection: bool = False
   dtype: Any = jnp.float32
+  residual_gain: bool = False
+  drop_rate: float = 0.0
+  avg_down: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic: bool = True):
     out = 4 * self.mid
     y, shortcut = PreActConv(self.mid, 1, projection=out if self.projection else 0,
-                             projection_strides=self.strides, dtype=self.dtype, name="a")(x)
+                             projection_strides=self.strides, dtype=self.dtype,
+                             avg_down=self.avg_down, name="a")(x)
     y, _ = PreActConv(self.mid, 3, self.strides, dtype=self.dtype, name="b")(y)
     y, _ = PreActConv(out, 1, dtype=self.dtype, name="c")(y)
+    if self.residual_gain:
+      y = y * self.param("residual_gain", nn.initializers.zeros, (out,), jnp.float32
+                         ).astype(y.dtype)
+    if self.drop_rate and not deterministic:
+      keep = jax.random.bernoulli(self.make_rng("drop_path"), 1.0 - self.drop_rate,
+                                  (y.shape[0], 1, 1, 1))
+      y = jnp.where(keep, y / (1.0 - self.drop_rate), 0).astype(y.dtype)
     return y + (x if shortcut is None else shortcut)
 
 
 class Block(nn.Module):
-  """`units` bottleneck units; the first projects the shortcut and carries the stride."""
+  """`units` bottleneck units; the first projects the shortcut and carries the stride.
+
+  `drop_rates`: each unit's stochastic-depth rate (empty: none); the other options as Unit's.
+  """
   units: int
   mid: int
   strides: int
   dtype: Any = jnp.float32
+  residual_gain: bool = False
+  drop_rates: Sequence[float] = ()
+  avg_down: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic: bool = True):
     for u in range(1, self.units + 1):
       x = Unit(self.mid, self.strides if u == 1 else 1, projection=(u == 1),
-               dtype=self.dtype, name=f"unit{u:02d}")(x)
+               dtype=self.dtype, residual_gain=self.residual_gain,
+               drop_rate=self.drop_rates[u - 1] if self.drop_rates else 0.0,
+               avg_down=self.avg_down, name=f"unit{u:02d}")(x, deterministic)
     return x
 
 
@@ -181,11 +224,23 @@ class Head(nn.Module):
                     bias_init=nn.initializers.constant(self.bias_init), name="conv2d")(features)
 
 
+def drop_path_rates(layers: Sequence[int], rate: float) -> list[tuple[float, ...]]:
+  """Per block, each unit's stochastic-depth rate: linear over all units from 0 to `rate`
+  (timm's ResNets; Huang et al. 2016's linear decay rule). [] when `rate` is 0."""
+  if not rate:
+    return []
+  total = sum(layers)
+  rates = [rate * i / max(total - 1, 1) for i in range(total)]
+  starts = [sum(layers[:b]) for b in range(len(layers))]
+  return [tuple(rates[s:s + n]) for s, n in zip(starts, layers)]
+
+
 class ResNetV2(nn.Module):
   """BiT ResNet-v2 mapping NHWC images in [-1, 1] to float32 logits.
 
   `model.apply(variables, images, pre_logits=True)` returns the pooled pre-logits instead
-  (for linear evaluation and few-shot probes).
+  (for linear evaluation and few-shot probes). `train=True` turns stochastic depth on (then
+  pass `rngs={"drop_path": key}`); without it the output is deterministic.
 
   Attributes:
     num_classes: head outputs; 0 builds no head and returns pre-logits.
@@ -194,6 +249,9 @@ class ResNetV2(nn.Module):
     dtype: compute dtype; parameters and GroupNorm statistics stay float32.
     head_zero_init: zero head kernel (BiT transfer). The bias is `head_bias_init`, e.g. -10
       for sigmoid pretraining on many labels.
+    Training-recipe options, off by default (see Unit): residual_gain (zero-initialised
+    residual gains), drop_path_rate (stochastic depth rising linearly over the units from 0
+    at the first to this rate at the last, as timm's ResNets), avg_down (ResNet-D shortcuts).
   """
   num_classes: int
   layers: Sequence[int] = DEPTHS[50]
@@ -201,14 +259,19 @@ class ResNetV2(nn.Module):
   dtype: Any = jnp.float32
   head_zero_init: bool = True
   head_bias_init: float = 0.0
+  residual_gain: bool = False
+  drop_path_rate: float = 0.0
+  avg_down: bool = False
 
   @nn.compact
-  def __call__(self, x, *, pre_logits: bool = False):
+  def __call__(self, x, *, pre_logits: bool = False, train: bool = False):
     root = 64 * self.width
     x = Root(root, dtype=self.dtype, name="root_block")(x)
+    rates = drop_path_rates(self.layers, self.drop_path_rate)
     for b, units in enumerate(self.layers, start=1):
       x = Block(units, root * 2 ** (b - 1), 1 if b == 1 else 2, dtype=self.dtype,
-                name=f"block{b}")(x)
+                residual_gain=self.residual_gain, drop_rates=rates[b - 1] if rates else (),
+                avg_down=self.avg_down, name=f"block{b}")(x, not train)
     x = nn.relu(GroupNorm(dtype=self.dtype, name="group_norm")(x))
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if pre_logits or not self.num_classes:
