@@ -41,16 +41,19 @@ def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
          for_cpu: bool = False) -> jax.Array:
   """NHWC x HWIO convolution with symmetric zero padding.
 
-  `for_cpu`: an unpadded 1x1 convolution runs as a matmul over the channels (after a strided
-  slice at stride 2), the same sums. XLA:CPU computes the weight gradient of a 1x1 convolution
-  as a convolution whose window is the whole image, between transposes, several times slower
-  than the matmul it is; bfloat16 operands are accumulated in float32 (YNNPACK's fast
-  bfloat16 path), rounded to bfloat16 once at the end as the convolution's output is.
+  `for_cpu`: an unpadded 1x1 convolution runs as a matmul of (N*H*W, C) rows by the (C, K)
+  kernel (after a strided slice at stride 2), the same sums. XLA:CPU computes the weight
+  gradient of a 1x1 convolution as a convolution whose window is the whole image, between
+  transposes, several times slower than the matmul it is; the 2-D form also spares the
+  transposed copy of the gradient that a 4-D dot_general gets. bfloat16 operands are
+  accumulated in float32 (YNNPACK's fast bfloat16 path), rounded to bfloat16 once at the end
+  as the convolution's output is.
   """
   if for_cpu and kernel.shape[:2] == (1, 1) and not padding:
-    out = jax.lax.dot_general(x[:, ::strides, ::strides], kernel[0, 0],
-                              (((3,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return out.astype(x.dtype)
+    x = x[:, ::strides, ::strides]
+    out = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel[0, 0],
+                     preferred_element_type=jnp.float32)
+    return out.astype(x.dtype).reshape(x.shape[:-1] + kernel.shape[-1:])
   return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(padding, padding)] * 2,
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
