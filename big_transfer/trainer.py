@@ -219,6 +219,10 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
     for step in range(start_step + 1, setup.total_steps + 1):
       state, step_metrics = setup.train_step(state, sharding.to_global(next(batches), mesh))
       is_last = step == setup.total_steps
+      if step == start_step + 1 and step % config.log_every_steps and not is_last:
+        # This step compiled: the throughput counts from its end (unless it is logged itself).
+        jax.block_until_ready(step_metrics)
+        progress.restart(step)
       if step % config.log_every_steps == 0 or is_last:
         _check_finite(state, ckpt.latest_step())
         scalars = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
@@ -236,7 +240,8 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
                     "resume.")
         return state, True
       if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
-        evaluate_fn(step, state["params"])
+        with progress.paused():
+          evaluate_fn(step, state["params"])
   return state, False
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import ROOT, error_line, train_env
 
-from big_transfer import benchmark, models, plan, sharding, trainer
+from big_transfer import benchmark, metrics, models, plan, sharding, trainer
 from big_transfer.errors import UserError
 
 KEYS = ("img_per_sec", "step_s", "compile_s", "flops_per_step", "mfu", "peak_bytes", "device")
@@ -90,3 +90,18 @@ def test_vs_timm_alternates_on_the_same_batch():
   assert result["ratio_vs_timm"] == pytest.approx(
       result["img_per_sec"] / result["timm"]["img_per_sec"])
   assert "Ratio ours / timm" in proc.stdout
+
+
+def test_train_throughput_leaves_out_evaluation_and_the_compiling_step(monkeypatch):
+  clock = [100.0]
+  monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+  progress = metrics.Progress(total_steps=30, batch_size=8, start_step=0)
+  clock[0] += 50  # Step 1 compiles ...
+  progress.restart(1)  # ... and the trainer restarts the count at its end.
+  clock[0] += 9  # Steps 2-10 take 1 s each.
+  assert progress.report(10) == {"img_per_sec": 8.0, "eta_sec": 20.0}
+  clock[0] += 5
+  with progress.paused():  # Evaluation.
+    clock[0] += 60
+  clock[0] += 5
+  assert progress.report(20)["img_per_sec"] == 8.0

@@ -7,11 +7,12 @@ Runs in an interpreter with torch + timm (torch is never a dependency of this pr
 One JSON object per line each way. `{"op": "init", ...}` builds timm's ResNet-v2 BiT model
 (`resnetv2_50x1_bit` etc.: GroupNorm + weight-standardised convs, the same network as ours),
 SGD with momentum and coupled weight decay (torch's `weight_decay` is grad += wd * param, as
-ours), softmax cross-entropy, and loads the benchmark's batch from an .npz (NHWC images, one-hot
-labels) so both frameworks see the same inputs. `{"op": "steps", "n": k}` runs k training
-steps and replies with each one's wall and CPU seconds; `{"op": "matmul_peak"}` measures torch's matmul
-FLOP/s in the compute dtype; `{"op": "exit"}` ends. bfloat16 runs under `torch.autocast` (float32
-parameters, as ours with model.dtype=bfloat16). This file imports only torch, timm and numpy.
+ours), softmax cross-entropy, and loads the benchmark's batch from an .npz (NHWC images,
+one-hot labels) so both frameworks see the same inputs. `{"op": "steps", "n": k}` runs k
+training steps and replies with each one's wall and CPU seconds; `{"op": "matmul_peak"}`
+measures torch's matmul FLOP/s in the compute dtype; `{"op": "exit"}` ends. bfloat16 runs
+under `torch.autocast` (float32 parameters, as ours with model.dtype=bfloat16). This file
+imports only torch, timm and numpy.
 """
 
 import json
