@@ -4,6 +4,7 @@ No timing thresholds: the machine is shared. The timm comparison runs only where
 interpreter with torch and timm is named by BIT_TIMM_PYTHON (none in CI).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -53,6 +54,15 @@ def test_json_figures_are_consistent():
 def test_cpu_mesh_builds_the_cpu_form_of_the_model():
   config = benchmark.make_config("R14x1", 8, "float32", "replicated", 1)
   assert trainer.build(config, sharding.make_mesh(), 10, 8).model.for_cpu
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]'); CI has none")
+def test_tpu_mesh_keeps_the_conv_form():
+  """The planner's TPU programs stay as they were: for_cpu is for CPU devices only."""
+  config = benchmark.make_config("R14x1", 8, "float32", "replicated", 1)
+  mesh = sharding.make_mesh(plan.tpu_target("v3:2x2").devices)
+  assert not trainer.build(config, mesh, 10, 8).model.for_cpu
 
 
 @pytest.mark.parametrize("flags, message", [
