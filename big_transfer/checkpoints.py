@@ -2,15 +2,20 @@
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 process killed mid-write leaves the earlier checkpoints as they were, and old checkpoints are
-deleted only after a newer one is finalized. A checkpoint that fails to restore (truncated or
-corrupted after the fact) is moved to `<workdir>/corrupt_checkpoints/` and the previous one is
-used, with a warning; nothing is deleted.
+deleted only after a newer one is finalized. Orbax checksums its metadata but not the array
+data (a flipped bit restores silently), so each checkpoint also carries a checksum of every
+array of the state, computed on the devices when saved and verified after restoring. A
+checkpoint that fails to restore or to verify (truncated or corrupted after the fact) is moved
+to `<workdir>/corrupt_checkpoints/` and the previous one is used, with a warning; nothing is
+deleted. A checkpoint of another model or class count is refused (UserError), not moved: the
+config is wrong, not the file. A failed write is a TrainingError naming the intact checkpoint.
 
 Released BiT checkpoints (`BiT-{S,M}-R*.npz`) are read by `load_bit_npz` and written by
 `save_bit_npz` in the official flat layout: keys `resnet/<flax param path>`, conv kernels HWIO,
 GroupNorm `gamma`/`beta` 1-D, head kernel (1, 1, C, N), all float32.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -22,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from big_transfer import metrics, models
-from big_transfer.errors import UserError
+from big_transfer.errors import TrainingError, UserError
 from big_transfer.models import bit
 
 
@@ -41,6 +47,7 @@ class Manager:
   def _open(self, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.join(self._workdir, "checkpoints"),
+        item_handlers=ocp.StandardCheckpointHandler(),  # Reads metadata before any restore.
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True))
 
@@ -48,16 +55,50 @@ class Manager:
     return self._manager.latest_step()
 
   def restore(self, abstract_state):
-    """The newest checkpoint that restores, placed like `abstract_state`; None if none."""
+    """The newest checkpoint that restores and verifies, placed like `abstract_state`; None if
+    none. UserError if the newest readable one holds another model's state."""
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
+        stored = self._manager.item_metadata(step)
+      except Exception as e:  # pylint: disable=broad-except  (unreadable: try an older one)
+        self._quarantine(step, e)
+        continue
+      self._check_structure(step, stored, abstract_state)
+      try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        self._verify(step, state)
       except Exception as e:  # pylint: disable=broad-except  (any failure: try an older one)
         self._quarantine(step, e)
         continue
       metrics.log(f"Resuming from checkpoint at step {step}.")
       return state
     return None
+
+  def _check_structure(self, step: int, stored, abstract_state) -> None:
+    """UserError naming the first array whose path or shape differs from the config's."""
+    on_disk = _shapes(stored)
+    wanted = _shapes(abstract_state)
+    if on_disk == wanted:
+      return
+    differing = sorted(set(on_disk) ^ set(wanted)) or sorted(
+        k for k in wanted if on_disk[k] != wanted[k])
+    # Parameters first: a different model or class count shows there.
+    key = min(differing, key=lambda k: (not k.startswith("params/"), k))
+    found = f"shape {on_disk[key]}" if key in on_disk else "no such array"
+    needed = f"shape {wanted[key]}" if key in wanted else "no such array"
+    raise UserError(
+        f"Workdir {self._workdir} holds checkpoints of another model or optimizer: step {step} "
+        f"has {found} for {key}, this config needs {needed}. Resume with the config that wrote "
+        "them (config.json in the workdir) or pass a new --workdir.")
+
+  def _verify(self, step: int, state) -> None:
+    expected = self._manager.metadata(step).custom_metadata.get(CHECKSUMS)
+    if expected is None:  # Written before checksums were stored.
+      return
+    actual = checksums(state)
+    if expected != actual:
+      bad = sum(a != b for a, b in zip(expected, actual))
+      raise ValueError(f"{bad} array(s) differ from their checksums at save time")
 
   def _quarantine(self, step: int, error: Exception) -> None:
     """Moves an unreadable checkpoint aside (so training can write that step again)."""
@@ -73,13 +114,68 @@ class Manager:
     self._manager = self._open(self._keep)
 
   def save(self, step: int, state) -> None:
-    """Starts an asynchronous save (returns once the arrays are copied off the devices)."""
+    """Starts an asynchronous save (returns once the arrays are copied off the devices); a
+    failure of the previous save surfaces here or in `close`."""
     if step not in self._manager.all_steps():
-      self._manager.save(step, args=ocp.args.StandardSave(state))
+      sums = checksums(state)
+      with self._failures():
+        self._manager.save(step, args=ocp.args.StandardSave(state),
+                           custom_metadata={CHECKSUMS: sums})
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    with self._failures():
+      self._manager.wait_until_finished()
     self._manager.close()
+
+  @contextlib.contextmanager
+  def _failures(self):
+    """A failed write (disk full, read-only or vanished workdir) as one TrainingError line."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many)
+      code = re.search(r"os_error_code='(\d+)'", str(e))  # Tensorstore's wording.
+      if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+      else:
+        reason = os.strerror(int(code[1])) if code else " ".join(str(e).split())[:200]
+      directory = os.path.join(self._workdir, "checkpoints")
+      kept = [int(n) for n in os.listdir(directory) if n.isdigit()]
+      intact = (f"the newest complete checkpoint, step {max(kept)}, is intact" if kept
+                else "no complete checkpoint was written")
+      raise TrainingError(f"Saving a checkpoint to {directory} failed ({reason}); {intact}. "
+                          "Free disk space or make the workdir writable, then rerun the same "
+                          "command to resume.") from None
+
+
+CHECKSUMS = "bit_checksums"
+
+
+@jax.jit
+def _checksums(state) -> jax.Array:
+  """Per array, the sum of its 32-bit words weighted by 2i+1 (mod 2^32): any single flipped
+  bit changes it (an odd weight times 2^k is never 0 mod 2^32), whatever the sharding."""
+  def checksum(x):
+    if x.dtype.itemsize < 4:
+      words = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+      words = words.astype(jnp.uint32).ravel()
+    else:  # 64-bit values become two words each.
+      words = jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+    weights = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+  return jnp.stack([checksum(x) for x in jax.tree.leaves(state)])
+
+
+def checksums(state) -> list[int]:
+  """The checksum of every array of `state`, in tree order (stored with each checkpoint)."""
+  return [int(x) for x in np.asarray(jax.device_get(_checksums(state)))]
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{"params/block1/...": shape} for a state, an abstract state or orbax's metadata of one."""
+  def name(entry):
+    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
+  return {"/".join(name(e) for e in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 PREFIX = "resnet/"
@@ -105,9 +201,6 @@ def load_bit_npz(path: str, model_name: str | None = None, num_classes: int | No
   Raises UserError (one line) for unreadable files and for missing, unexpected, duplicate or
   wrongly shaped keys.
   """
-  if head not in HEAD_MODES:
-    raise UserError(f"head={head!r} is not one of {', '.join(HEAD_MODES)}; "
-                    "use 'auto' to keep a matching head and zero-init otherwise.")
   flat = _official_to_flat(_read_npz(path), path)
   layers, width = _architecture(flat, path)
   if model_name is not None:
@@ -118,22 +211,89 @@ def load_bit_npz(path: str, model_name: str | None = None, num_classes: int | No
                       f"of {model_name}.")
   file_classes = _head_classes(flat, path)
   _check_layout(flat, layers, width, file_classes, path)
+  return _unflatten(_with_head(flat, width, file_classes, num_classes, head, path))
+
+
+def _with_head(flat: dict, width: int, file_classes: int, num_classes: int | None, head: str,
+               source: str) -> dict:
+  """`flat` with the head `load_bit_npz` documents for (num_classes, head)."""
+  if head not in HEAD_MODES:
+    raise UserError(f"head={head!r} is not one of {', '.join(HEAD_MODES)}; "
+                    "use 'auto' to keep a matching head and zero-init otherwise.")
   if num_classes is None:
     num_classes = file_classes
   if head == "keep" and num_classes != file_classes:
-    raise UserError(f"{path} has a {file_classes}-class head but num_classes={num_classes} was "
-                    "requested with head='keep'; pass head='auto' or 'reset' to start a zero "
-                    "head for transfer.")
+    raise UserError(f"{source} has a {file_classes}-class head but num_classes={num_classes} "
+                    "was requested with head='keep'; pass head='auto' or 'reset' to start a "
+                    "zero head for transfer.")
   if head == "reset" or num_classes != file_classes:
     if head == "auto":
       found = f"a {file_classes}-class head" if file_classes else "no head"
       action = f"starting a zero {num_classes}-class head" if num_classes else "dropping it"
-      metrics.log(f"{path} has {found}, {num_classes} classes requested: {action}.")
+      metrics.log(f"{source} has {found}, {num_classes} classes requested: {action}.")
     flat = {k: v for k, v in flat.items() if not k.startswith("head/")}
     if num_classes:
       flat[HEAD_KERNEL] = np.zeros((2048 * width, num_classes), np.float32)
       flat[HEAD_BIAS] = np.zeros((num_classes,), np.float32)
-  return _unflatten(flat)
+  return flat
+
+
+def load_params(path: str, num_classes: int | None = None, *,
+                head: str = "auto") -> tuple[str, dict]:
+  """(model name, flax `params` as float32 numpy) from an official BiT `.npz` or from the
+  workdir of one of our runs (its newest checkpoint); the model is read from the shapes.
+
+  `num_classes` and `head` as in `load_bit_npz`. This is what `config.init` and the tools
+  that take "a checkpoint" accept.
+  """
+  if epath.Path(path).is_dir():
+    flat, source = _workdir_params(path), f"{path} (workdir)"
+  else:
+    flat, source = _official_to_flat(_read_npz(path), path), path
+  layers, width = _architecture(flat, source)
+  file_classes = _head_classes(flat, source)
+  _check_layout(flat, layers, width, file_classes, source)
+  flat = _with_head(flat, width, file_classes, num_classes, head, source)
+  return _model_name(layers, width), _unflatten(flat)
+
+
+def _workdir_params(workdir: str) -> dict[str, np.ndarray]:
+  """The newest checkpoint's params of a run's workdir, flat with the official head shape."""
+  directory = epath.Path(workdir) / "checkpoints"
+  # Finished checkpoints are folders named by their step (orbax writes into temporary names).
+  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()
+           ] if directory.is_dir() else []
+  if not steps:
+    raise UserError(f"{workdir} holds no checkpoint (expected {directory}/<step>/); pass a "
+                    "run's workdir or a BiT .npz file.")
+  path = directory / str(max(steps))
+  try:
+    params = _restore_params(path / "default")
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+    raise UserError(f"Checkpoint {path} does not restore ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); resume the run once to quarantine it, "
+                    "or pass another checkpoint.") from None
+  flat = _flatten(params)
+  if HEAD_KERNEL in flat:
+    flat[HEAD_KERNEL] = flat[HEAD_KERNEL][None, None]
+  return flat
+
+
+def _restore_params(path: epath.Path):
+  """Only the `params` of a training-state checkpoint, as host numpy arrays: no optimizer
+  state is read, and any device count or sharding it was saved with restores."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(path).item_metadata.tree["params"]
+  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item={"params": item}, restore_args={"params": restore_args}, partial_restore=True))["params"]
+
+
+def _flatten(params) -> dict[str, np.ndarray]:
+  """{"a": {"b": x}} -> {"a/b": float32 numpy x}."""
+  return {"/".join(str(k.key) for k in key_path): np.asarray(jax.device_get(leaf), np.float32)
+          for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def save_bit_npz(params, path: str) -> None:
@@ -142,8 +302,7 @@ def save_bit_npz(params, path: str) -> None:
 
   The name is used as given (numpy would append `.npz` to a bare path, this does not).
   """
-  flat = {"/".join(str(k.key) for k in key_path): np.asarray(jax.device_get(leaf), np.float32)
-          for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = _flatten(params)
   if HEAD_KERNEL in flat:  # Flax Dense (C, N) is the official 1x1 conv (1, 1, C, N).
     flat[HEAD_KERNEL] = flat[HEAD_KERNEL][None, None]
   layers, width = _architecture(flat, "params")

@@ -49,9 +49,15 @@ class Durations:
     return max(1, round(examples / self.batch_size))
 
 
-def base_lr(config: ml_collections.ConfigDict) -> float:
+def base_lr(config: ml_collections.ConfigDict, lr: float | None = None) -> float:
+  """`lr` (default config.lr) scaled to the batch: lr * batch_size / lr_batch_ref."""
   ref = config.get("lr_batch_ref", 0)
-  return config.lr * (config.batch_size / ref if ref else 1.0)
+  return (config.lr if lr is None else lr) * (config.batch_size / ref if ref else 1.0)
+
+
+def then_constant(schedule: optax.Schedule, start: int, value: float) -> optax.Schedule:
+  """`schedule` before step `start`, `value` from it on (a final phase at its own lr)."""
+  return lambda s: jnp.where(s < start, schedule(s), value)
 
 
 def make_schedule(config: ml_collections.ConfigDict, durations: Durations,
@@ -60,9 +66,10 @@ def make_schedule(config: ml_collections.ConfigDict, durations: Durations,
   base = base_lr(config)
   warmup = durations(sched, "warmup", required=False) or 0
   if sched.kind == "stair":
-    boundaries = durations(sched, "decay", required=False) or []
-    decay = optax.piecewise_constant_schedule(base, {int(b): sched.decay_factor
-                                                     for b in boundaries})
+    scales = {}  # Repeated boundaries (very short runs) decay once each.
+    for boundary in durations(sched, "decay", required=False) or []:
+      scales[int(boundary)] = scales.get(int(boundary), 1.0) * sched.decay_factor
+    decay = optax.piecewise_constant_schedule(base, scales)
   elif sched.kind == "cosine":
     cosine = optax.cosine_decay_schedule(base, max(1, total_steps - warmup))
     decay = lambda s: cosine(jnp.maximum(s - warmup, 0))

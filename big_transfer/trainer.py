@@ -8,7 +8,11 @@ only process 0 writes logs and metrics, all take part in checkpoints.
 
 import contextlib
 import dataclasses
+import itertools
+import json
+import os
 import signal
+import time
 from typing import Any, Callable
 
 import jax
@@ -19,14 +23,22 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import checkpoints, evaluate, losses, metrics, models, optim, sharding
-from big_transfer.data import datasets, mixup, pipeline
+from big_transfer import (checkpoints, evaluate, losses, metrics, models, optim, results,
+                          sharding, transfer, validate, workdirs)
+from big_transfer.data import mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
+
+
+def _all_gather(x, spec):
+  """Inside shard_map: the whole of a parameter split as `spec` (FSDP)."""
+  if sharding.DATA not in spec:
+    return x
+  return jax.lax.all_gather(x, sharding.DATA, axis=spec.index(sharding.DATA), tiled=True)
 
 
 def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
                     mixup_alpha: float = 0.0, seed: int = 0,
-                    state_sharding: str = "replicated"):
+                    state_sharding: str = "replicated", param_shardings=None):
   """The update step (state, batch) -> (state, metrics), to be jitted with donation.
 
   MixUp (alpha > 0) draws from fold_in(key(seed), step): no RNG state to checkpoint, and a
@@ -35,47 +47,67 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
   With `batch_split` k the batch is processed as k micro-batches whose mean gradients are
   averaged, equal to one pass over the whole batch. With replicated parameters each device
   accumulates the gradients of its own rows and they are averaged over the devices once per
-  step (left to the partitioner, the all-reduce would run once per micro-batch); with FSDP
-  parameters are gathered and gradients reduce-scattered per micro-batch.
+  step (left to the partitioner, the all-reduce would run once per micro-batch).
+
+  FSDP (`param_shardings` split over the devices) is written out per device: each
+  micro-batch all-gathers the split parameters and reduce-scatters their gradients (the
+  transpose of the gather); the small replicated ones are averaged once per step. XLA may
+  still move them (e.g. gather once per step, or all-reduce a sum accumulated over the
+  micro-batches). Left to the partitioner, the step mixed strategies instead: activations
+  gathered over the whole global batch, convolutions split over channels.
 
   A non-finite loss or gradient leaves params and optimizer state unchanged and records the
   step in `state["bad_step"]`, so the state (and every checkpoint of it) stays finite.
   """
 
-  def loss_and_grads(params, images, labels):
-    loss = lambda p: jnp.mean(loss_fn(apply_fn(p, images), labels))
+  def loss_and_grads(params, images, labels, gather=lambda p: p):
+    loss = lambda p: jnp.mean(loss_fn(apply_fn(gather(p), images), labels))
     return jax.value_and_grad(loss)(params)
 
-  def mean_over_micro_batches(params, micro):
+  def mean_over_micro_batches(params, micro, gather=lambda p: p):
     """The mean (loss, grads) over micro-batches stacked on the leading axis."""
     def add(total, mb):
-      return jax.tree.map(jnp.add, total, loss_and_grads(params, mb["image"], mb["labels"])), None
+      grads = loss_and_grads(params, mb["image"], mb["labels"], gather)
+      return jax.tree.map(jnp.add, total, grads), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), _ = jax.lax.scan(add, zeros, micro)
     return jax.tree.map(lambda x: x / batch_split, (loss, grads))
 
+  # Per device: the mean over its rows of each micro-batch (the same count on every device),
+  # so the mean over devices is the global mean.
+  micro_spec = P(None, sharding.DATA)
   accumulate = mean_over_micro_batches
   if state_sharding == "replicated":
-    # Per device: the mean over its rows of each micro-batch (the same count on every device),
-    # so the mean over devices is the global mean.
     accumulate = jax.shard_map(
         lambda params, micro: jax.lax.pmean(mean_over_micro_batches(params, micro),
                                             sharding.DATA),
-        mesh=mesh, in_specs=(P(), P(None, sharding.DATA)), out_specs=P(), check_vma=False)
+        mesh=mesh, in_specs=(P(), micro_spec), out_specs=P(), check_vma=False)
+  elif state_sharding == "fsdp":
+    specs = jax.tree.map(lambda s: s.spec, param_shardings)
+    gather = lambda params: jax.tree.map(_all_gather, params, specs)
+
+    def fsdp_mean(params, micro):
+      loss, grads = mean_over_micro_batches(params, micro, gather)
+      # all_gather's transpose summed the split gradients over the devices (reduce-scatter).
+      grads = jax.tree.map(lambda g, spec: g / mesh.size if sharding.DATA in spec
+                           else jax.lax.pmean(g, sharding.DATA), grads, specs)
+      return jax.lax.pmean(loss, sharding.DATA), grads
+
+    accumulate = jax.shard_map(fsdp_mean, mesh=mesh, in_specs=(specs, micro_spec),
+                               out_specs=(P(), specs), check_vma=False)
 
   def step(state, batch):
     params = state["params"]
     batch = mixup.mixup(jax.random.fold_in(jax.random.key(seed), state["step"]), batch,
                         mixup_alpha)
-    if batch_split == 1:
+    if batch_split == 1 and state_sharding != "fsdp":
       loss, grads = loss_and_grads(params, batch["image"], batch["labels"])
     else:
       # Micro-batch j takes rows j, j+k, ...: each device keeps its own rows, no transfers.
       micro = jax.tree.map(
           lambda x: jnp.swapaxes(x.reshape((-1, batch_split) + x.shape[1:]), 0, 1), batch)
-      micro = jax.lax.with_sharding_constraint(
-          micro, NamedSharding(mesh, P(None, sharding.DATA)))
+      micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, micro_spec))
       loss, grads = accumulate(params, micro)
 
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -122,6 +154,14 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
       head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init,
       for_cpu=mesh.devices.flat[0].platform == "cpu")
   schedule = optim.make_schedule(config, durations, total_steps)
+  # ---- Transfer: the test-resolution phase, test_res.steps more at constant test_res.lr ----
+  test_res = config.test_res
+  if test_res.steps:
+    if test_res.lr is None or not test_res.pp:
+      raise UserError("test_res.steps needs --config.test_res.lr and --config.test_res.pp "
+                      "(configs/transfer.py's HyperRule fills both).")
+    schedule = optim.then_constant(schedule, total_steps, optim.base_lr(config, test_res.lr))
+    total_steps += test_res.steps
   tx = optim.make_optimizer(config, schedule)
   loss_fn = losses.get(config.loss)
   apply_fn = lambda params, images: model.apply({"params": params}, images)
@@ -138,7 +178,8 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
   step = make_train_step(apply_fn, tx, loss_fn, schedule, mesh, config.batch_split,
-                         config.mixup_alpha, config.seed, config.state_sharding)
+                         config.mixup_alpha, config.seed, config.state_sharding,
+                         shardings["params"])
   train_step = jax.jit(
       step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -182,25 +223,41 @@ def _check_finite(state, last_checkpoint: int | None) -> None:
                         "Lower --config.lr or check the data, then rerun.")
 
 
-def _train_batches(config, dataset, local_batch: int, start_step: int):
+def _train_batches(config, dataset, local_batch: int, start_step: int, subset=None,
+                   test_res_start: int | None = None):
   """This process's share of each global batch, positioned at `start_step`.
 
   `input_sharding="process"` (default): each process reads its own shard of the split.
   `"global"`: every process reads the whole stream and keeps its rows of each global batch,
   so the batches do not depend on the process count (reproducibility checks; costs I/O).
+  `subset`: few-shot positions. From step `test_res_start` on, images are preprocessed with
+  `test_res.pp` (the test-resolution phase).
   """
-  kwargs = dict(seed=config.seed, start_step=start_step, shuffle_buffer=config.shuffle_buffer,
-                cache=config.cache)
-  if config.input_sharding == "process":
-    return pipeline.train_iterator(
-        dataset, config.train_split, config.pp_train, local_batch,
-        process_index=jax.process_index(), process_count=jax.process_count(), **kwargs)
-  if config.input_sharding != "global":
+  if config.input_sharding not in ("process", "global"):
     raise UserError(f"Unknown input_sharding {config.input_sharding!r}; valid: process, global.")
-  rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
-  batches = pipeline.train_iterator(dataset, config.train_split, config.pp_train,
-                                    config.batch_size, **kwargs)
-  return ({k: v[rows] for k, v in batch.items()} for batch in batches)
+  kwargs = dict(seed=config.seed, shuffle_buffer=config.shuffle_buffer, cache=config.cache,
+                subset=subset)
+
+  def batches(pp, start):
+    if config.input_sharding == "process":
+      return pipeline.train_iterator(
+          dataset, config.train_split, pp, local_batch, start_step=start,
+          process_index=jax.process_index(), process_count=jax.process_count(), **kwargs)
+    rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
+    stream = pipeline.train_iterator(dataset, config.train_split, pp, config.batch_size,
+                                     start_step=start, **kwargs)
+    return ({k: v[rows] for k, v in batch.items()} for batch in stream)
+
+  if test_res_start is None:
+    return batches(config.pp_train, start_step)
+  if start_step >= test_res_start:
+    return batches(config.test_res.pp, start_step)
+
+  def two_phases():
+    yield from itertools.islice(batches(config.pp_train, start_step), test_res_start - start_step)
+    yield from batches(config.test_res.pp, test_res_start)
+
+  return two_phases()
 
 
 def _num_classes(config, dataset) -> int:
@@ -246,14 +303,30 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Checks the config, resolves its data (and a transfer config's HyperRule), locks the
+  workdir (one run at a time) and trains or resumes: `_run`. Nothing is written before the
+  lock, so a refused config or unprepared dataset leaves the workdir as it was."""
+  started = time.monotonic()
+  validate.check_config(config)
+  # ---- Transfer: the data, VTAB splits, HyperRule fields (transfer.py) ----
+  resolved = transfer.resolve(config)
+  for note in resolved.notes:
+    metrics.log(note)
+  validate.check_config(resolved.config)  # Now with the HyperRule's choices.
+  with workdirs.Lock(workdir):
+    workdirs.check_resumable(resolved.config, workdir)  # As config.json records it.
+    return _run(resolved.config, resolved.dataset, workdir, started)
+
+
+def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
+         started: float) -> dict[str, float]:
   """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics
   (empty when preempted). Checkpoints being written are completed whatever happens."""
   mesh = sharding.make_mesh()
-  dataset = datasets.get(config.dataset, config.data_dir)
-  dataset.check_split(config.train_split)
-  dataset.check_split(config.eval_split)
-  setup = build(config, mesh, _num_classes(config, dataset),
-                dataset.num_examples(config.train_split))
+  subset = transfer.train_subset(config, dataset)
+  num_train = dataset.num_examples(config.train_split) if subset is None else len(subset)
+  num_classes = _num_classes(config, dataset)
+  setup = build(config, mesh, num_classes, num_train)
   local_batch = config.batch_size // jax.process_count()
   eval_batch = config.eval_batch_size or config.batch_size
   sharding.check_batch_size(eval_batch, mesh.size, "eval_batch_size")
@@ -265,11 +338,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     try:
       state = ckpt.restore(setup.abstract_state)
       if state is None:
+        # ---- Transfer: config.init's backbone, the head as config.init_head says ----
+        params = (transfer.init_params(config, num_classes, setup.state_shardings["params"])
+                  if config.init else None)
         state = setup.init(jax.random.key(config.seed))
+        if params is not None:  # SGD's momentum starts at zero whatever the params.
+          state["params"] = params
+        workdirs.record_config(config, dataset.class_names(), workdir)
       start_step = int(jax.device_get(state["step"]))
       num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
+      shots = f" ({config.shots} per class)" if config.shots else ""
       metrics.log(f"{config.model.name}: {num_params:,} parameters; {dataset.name} "
-                  f"{dataset.num_examples(config.train_split):,} train images, "
+                  f"{num_train:,} train images{shots}, "
                   f"{dataset.num_classes} classes; batch {config.batch_size} over "
                   f"{jax.device_count()} devices ({jax.process_count()} processes); "
                   f"{setup.total_steps} steps.")
@@ -282,15 +362,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         result = evaluate.classification(eval_step, params, batches, mesh)
         writer.write(step, {f"eval/{k}": v for k, v in result.items()})
         metrics.log(f"step {step}: eval {config.eval_split} accuracy "
-                    f"{100 * result['accuracy']:.2f}% over {int(result['count'])} images, "
-                    f"loss {result['loss']:.4f}")
+                    f"{100 * result['accuracy']:.2f}% (top-5 {100 * result['top5']:.2f}%) over "
+                    f"{int(result['count'])} images, loss {result['loss']:.4f}")
         return result
 
       if start_step >= setup.total_steps:
         metrics.log(f"Run already finished ({start_step}/{setup.total_steps} steps); "
                     "not retraining.")
       else:
-        batches = _train_batches(config, dataset, local_batch, start_step)
+        test_res_start = (setup.total_steps - config.test_res.steps if config.test_res.steps
+                          else None)
+        batches = _train_batches(config, dataset, local_batch, start_step, subset, test_res_start)
         state, preempted = _train_loop(config, setup, state, batches, mesh, ckpt, writer,
                                        run_eval)
         if preempted:
@@ -299,5 +381,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     finally:
       ckpt.close()
       writer.close()
-  metrics.log(f"Final {config.eval_split} accuracy: {100 * result['accuracy']:.2f}%")
+  # ---- Transfer: results.json, read by big_transfer.tabulate ----
+  results.write(workdir, config, result, steps=setup.total_steps,
+                wall_s=time.monotonic() - started, resumed_from_step=start_step)
+  metrics.log(f"Final {config.eval_split} accuracy: {100 * result['accuracy']:.2f}% (top-5 "
+              f"{100 * result['top5']:.2f}%)")
   return result

@@ -238,3 +238,41 @@ def test_save_rejects_params_of_another_layout(r26, tmp_path):
   with pytest.raises(UserError, match=r"params: missing key resnet/block3/unit02/b/group_norm"):
     checkpoints.save_bit_npz(params, str(tmp_path / "bad.npz"))
   assert not os.path.exists(tmp_path / "bad.npz")
+
+
+def test_load_params_from_an_npz_or_a_workdir_saved_on_other_devices(r26, tmp_path, capsys):
+  """`load_params` (what `config.init` takes): an official file gives load_bit_npz's params; a
+  workdir gives its newest checkpoint's params, here saved FSDP-sharded over 8 devices, with the
+  same head handling."""
+  path = _official_file(tmp_path, r26["params"])
+  name, params = checkpoints.load_params(path, 3)
+  assert name == "R26x1"
+  _assert_bitwise_equal(_flat(params), _flat(checkpoints.load_bit_npz(path, num_classes=3)))
+
+  from big_transfer import sharding  # pylint: disable=g-import-not-at-top
+  model = models.get_model("R14x1", 7)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  rng = np.random.default_rng(0)
+  host = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+  mesh = sharding.make_mesh()
+  placed = jax.device_put(host, sharding.state_shardings(shapes, mesh, "fsdp"))
+  assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(placed))
+  workdir = str(tmp_path / "run")
+  manager = checkpoints.Manager(workdir, every_steps=1, keep=2)
+  manager.save(1, {"step": 1, "params": jax.tree.map(lambda x: -x, placed)})
+  manager.save(2, {"step": 2, "params": placed})  # The newest one is loaded.
+  manager.close()
+  expected = host
+
+  name, params = checkpoints.load_params(workdir)
+  assert name == "R14x1"
+  _assert_bitwise_equal(_flat(params), _flat(expected))
+  capsys.readouterr()
+  _, transfer = checkpoints.load_params(workdir, 4)
+  assert f"{workdir} (workdir) has a 7-class head, 4 classes requested" in capsys.readouterr().out
+  assert not np.any(transfer["head"]["conv2d"]["kernel"]) and transfer["head"]["conv2d"][
+      "kernel"].shape == (2048, 4)
+  backbone = lambda tree: {k: v for k, v in _flat(tree).items() if not k.startswith("head/")}
+  _assert_bitwise_equal(backbone(transfer), backbone(expected))
+  with pytest.raises(UserError, match=r"holds no checkpoint .* pass a run's workdir or a BiT"):
+    checkpoints.load_params(str(tmp_path))
