@@ -3,6 +3,7 @@
 Only process 0 writes; every process may call these functions.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -65,11 +66,26 @@ def _ends_mid_line(path) -> bool:
 
 
 class Progress:
-  """Throughput and ETA between successive `report` calls."""
+  """Training throughput and ETA between successive `report` calls.
+
+  As big_vision's chrono: time spent `paused()` (evaluation) counts in no interval, and
+  `restart(step)` starts the count afresh (after the step that compiled).
+  """
 
   def __init__(self, total_steps: int, batch_size: int, start_step: int):
     self.total_steps, self.batch_size = total_steps, batch_size
-    self._step, self._time = start_step, time.monotonic()
+    self.restart(start_step)
+
+  def restart(self, step: int) -> None:
+    self._step, self._time = step, time.monotonic()
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.monotonic()
+    try:
+      yield
+    finally:
+      self._time += time.monotonic() - start
 
   def report(self, step: int) -> dict[str, float]:
     now = time.monotonic()

@@ -166,11 +166,12 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
                     f"{config.batch_size // mesh.size}.")
   durations = optim.Durations(num_train_examples, config.batch_size)
   total_steps = durations(config, "total")
+  # CPUs get the same model in the form XLA:CPU runs fastest; TPU and GPU programs are unchanged.
   model = models.get_model(
       config.model.name, num_classes, dtype=jnp.dtype(config.model.dtype),
       head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init,
       residual_gain=config.model.residual_gain, drop_path_rate=config.model.drop_path_rate,
-      avg_down=config.model.avg_down)
+      avg_down=config.model.avg_down, for_cpu=mesh.devices.flat[0].platform == "cpu")
   schedule = optim.make_schedule(config, durations, total_steps)
   # ---- Transfer: the test-resolution phase, test_res.steps more at constant test_res.lr ----
   test_res = config.test_res
@@ -312,6 +313,10 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
     for step in range(start_step + 1, setup.total_steps + 1):
       state, step_metrics = setup.train_step(state, sharding.to_global(next(batches), mesh))
       is_last = step == setup.total_steps
+      if step == start_step + 1 and step % config.log_every_steps and not is_last:
+        # This step compiled: the throughput counts from its end (unless it is logged itself).
+        jax.block_until_ready(step_metrics)
+        progress.restart(step)
       if step % config.log_every_steps == 0 or is_last:
         _check_finite(state, ckpt.latest_step())
         scalars = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
@@ -329,7 +334,8 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
                     "resume.")
         return state, True
       if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
-        evaluate_fn(step, state["params"])
+        with progress.paused():
+          evaluate_fn(step, state["params"])
   return state, False
 
 

@@ -5,6 +5,10 @@ google-research/big_transfer bit_jax/models.py). Parameter names follow the
 official `.npz` key scheme (`root_block/standardized_conv2d/kernel`,
 `block1/unit01/a/group_norm/gamma`, ..., `head/conv2d/kernel`), so mapping a checkpoint is a
 rename of the `resnet/` prefix plus the head kernel's (1, 1, C, N) <-> (C, N) reshape.
+
+`for_cpu=True` computes the same function in the form XLA:CPU runs fastest (1x1 convolutions
+as matmuls, GroupNorm statistics per channel first; docs/performance.md has the measurements).
+The trainer sets it when its devices are CPUs, so TPU and GPU programs are not affected.
 """
 
 from typing import Any, Sequence
@@ -34,6 +38,27 @@ def standardize(kernel: jax.Array, eps: float = WS_EPS) -> jax.Array:
   return (kernel - mean) * jax.lax.rsqrt(var + eps)
 
 
+def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
+         for_cpu: bool = False) -> jax.Array:
+  """NHWC x HWIO convolution with symmetric zero padding.
+
+  `for_cpu`: an unpadded 1x1 convolution runs as a matmul of (N*H*W, C) rows by the (C, K)
+  kernel (after a strided slice at stride 2), the same sums. XLA:CPU computes the weight
+  gradient of a 1x1 convolution as a convolution whose window is the whole image, between
+  transposes, several times slower than the matmul it is; the 2-D form also spares the
+  transposed copy of the gradient that a 4-D dot_general gets. bfloat16 operands are
+  accumulated in float32 (YNNPACK's fast bfloat16 path), rounded to bfloat16 once at the end
+  as the convolution's output is.
+  """
+  if for_cpu and kernel.shape[:2] == (1, 1) and not padding:
+    x = x[:, ::strides, ::strides]
+    out = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel[0, 0],
+                     preferred_element_type=jnp.float32)
+    return out.astype(x.dtype).reshape(x.shape[:-1] + kernel.shape[-1:])
+  return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(padding, padding)] * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 class StdConv(nn.Module):
   """Bias-free convolution whose raw float32 kernel is standardized on every forward pass."""
   features: int
@@ -41,6 +66,7 @@ class StdConv(nn.Module):
   strides: int = 1
   padding: int = 0  # Symmetric zero padding: `SAME` is asymmetric at stride 2.
   dtype: Any = jnp.float32
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -48,9 +74,27 @@ class StdConv(nn.Module):
     kernel = self.param("kernel", nn.initializers.he_normal(),
                         (k, k, x.shape[-1], self.features), jnp.float32)
     kernel = standardize(kernel).astype(self.dtype)
-    return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel, (self.strides, self.strides),
-        [(self.padding, self.padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv(x.astype(self.dtype), kernel, self.strides, self.padding, self.for_cpu)
+
+
+def group_norm_per_channel(x: jax.Array, gamma: jax.Array, beta: jax.Array, groups: int,
+                           eps: float) -> jax.Array:
+  """GroupNorm of NHWC `x` with the grouped form's two-pass statistics, each sum taken over
+  H and W per channel first and then over the channels of a group.
+
+  The same mean and variance in another summation order: XLA:CPU reduces a group's
+  interleaved (H, W, channel) elements several times slower than it reduces H and W.
+  """
+  n, c = x.shape[0], x.shape[-1]
+  count = x.size // (n * groups)
+
+  def group_mean(per_channel_sums):  # (n, c) -> (n, 1, 1, c): each channel its group's mean.
+    sums = per_channel_sums.reshape(n, groups, c // groups).sum(axis=-1, keepdims=True)
+    return jnp.broadcast_to(sums / count, (n, groups, c // groups)).reshape(n, 1, 1, c)
+
+  centered = x - group_mean(jnp.sum(x, axis=(1, 2)))
+  var = group_mean(jnp.sum(jnp.square(centered), axis=(1, 2)))
+  return centered * (jax.lax.rsqrt(var + eps) * gamma) + beta
 
 
 class GroupNorm(nn.Module):
@@ -62,6 +106,7 @@ class GroupNorm(nn.Module):
   groups: int = GN_GROUPS
   eps: float = GN_EPS
   dtype: Any = jnp.float32
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -70,6 +115,9 @@ class GroupNorm(nn.Module):
       raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.groups} groups.")
     gamma = self.param("gamma", nn.initializers.ones, (c,), jnp.float32)
     beta = self.param("beta", nn.initializers.zeros, (c,), jnp.float32)
+    if self.for_cpu:
+      return group_norm_per_channel(x.astype(jnp.float32), gamma, beta, self.groups,
+                                    self.eps).astype(self.dtype)
     xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.groups, c // self.groups))
     axes = (1, 2, 4)  # H, W and the channels of one group.
     mean = jnp.mean(xg, axis=axes, keepdims=True)
@@ -91,6 +139,7 @@ class Projection(nn.Module):
   strides: int
   dtype: Any = jnp.float32
   avg_down: bool = False
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -99,7 +148,8 @@ class Projection(nn.Module):
       pad = [(0, -size % strides) for size in x.shape[1:3]]
       x = nn.avg_pool(x, (strides, strides), (strides, strides), pad, count_include_pad=False)
       strides = 1
-    return StdConv(self.features, 1, strides, dtype=self.dtype, name="standardized_conv2d")(x)
+    return StdConv(self.features, 1, strides, dtype=self.dtype, for_cpu=self.for_cpu,
+                   name="standardized_conv2d")(x)
 
 
 class PreActConv(nn.Module):
@@ -115,16 +165,17 @@ class PreActConv(nn.Module):
   projection_strides: int = 1
   dtype: Any = jnp.float32
   avg_down: bool = False
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(GroupNorm(dtype=self.dtype, name="group_norm")(x))
+    x = nn.relu(GroupNorm(dtype=self.dtype, for_cpu=self.for_cpu, name="group_norm")(x))
     shortcut = None
     if self.projection:
       shortcut = Projection(self.projection, self.projection_strides, dtype=self.dtype,
-                            avg_down=self.avg_down, name="proj")(x)
+                            avg_down=self.avg_down, for_cpu=self.for_cpu, name="proj")(x)
     y = StdConv(self.features, self.kernel_size, self.strides, self.kernel_size // 2,
-                dtype=self.dtype, name="standardized_conv2d")(x)
+                dtype=self.dtype, for_cpu=self.for_cpu, name="standardized_conv2d")(x)
     return y, shortcut
 
 
@@ -152,15 +203,17 @@ class Unit(nn.Module):
   residual_gain: bool = False
   drop_rate: float = 0.0
   avg_down: bool = False
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     out = 4 * self.mid
+    options = dict(dtype=self.dtype, for_cpu=self.for_cpu)
     y, shortcut = PreActConv(self.mid, 1, projection=out if self.projection else 0,
-                             projection_strides=self.strides, dtype=self.dtype,
-                             avg_down=self.avg_down, name="a")(x)
-    y, _ = PreActConv(self.mid, 3, self.strides, dtype=self.dtype, name="b")(y)
-    y, _ = PreActConv(out, 1, dtype=self.dtype, name="c")(y)
+                             projection_strides=self.strides, avg_down=self.avg_down,
+                             name="a", **options)(x)
+    y, _ = PreActConv(self.mid, 3, self.strides, name="b", **options)(y)
+    y, _ = PreActConv(out, 1, name="c", **options)(y)
     if self.residual_gain:
       y = y * self.param("residual_gain", nn.initializers.zeros, (out,), jnp.float32
                          ).astype(y.dtype)
@@ -183,6 +236,7 @@ class Block(nn.Module):
   residual_gain: bool = False
   drop_rates: Sequence[float] = ()
   avg_down: bool = False
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -190,7 +244,7 @@ class Block(nn.Module):
       x = Unit(self.mid, self.strides if u == 1 else 1, projection=(u == 1),
                dtype=self.dtype, residual_gain=self.residual_gain,
                drop_rate=self.drop_rates[u - 1] if self.drop_rates else 0.0,
-               avg_down=self.avg_down, name=f"unit{u:02d}")(x, deterministic)
+               avg_down=self.avg_down, for_cpu=self.for_cpu, name=f"unit{u:02d}")(x, deterministic)
     return x
 
 
@@ -202,10 +256,11 @@ class Root(nn.Module):
   """
   features: int
   dtype: Any = jnp.float32
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x):
-    x = StdConv(self.features, 7, 2, padding=3, dtype=self.dtype,
+    x = StdConv(self.features, 7, 2, padding=3, dtype=self.dtype, for_cpu=self.for_cpu,
                 name="standardized_conv2d")(x)
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
@@ -252,6 +307,7 @@ class ResNetV2(nn.Module):
     Training-recipe options, off by default (see Unit): residual_gain (zero-initialised
     residual gains), drop_path_rate (stochastic depth rising linearly over the units from 0
     at the first to this rate at the last, as timm's ResNets), avg_down (ResNet-D shortcuts).
+    for_cpu: the same function in the form XLA:CPU runs fastest (see the module docstring).
   """
   num_classes: int
   layers: Sequence[int] = DEPTHS[50]
@@ -262,17 +318,18 @@ class ResNetV2(nn.Module):
   residual_gain: bool = False
   drop_path_rate: float = 0.0
   avg_down: bool = False
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x, *, pre_logits: bool = False, train: bool = False):
     root = 64 * self.width
-    x = Root(root, dtype=self.dtype, name="root_block")(x)
+    x = Root(root, dtype=self.dtype, for_cpu=self.for_cpu, name="root_block")(x)
     rates = drop_path_rates(self.layers, self.drop_path_rate)
     for b, units in enumerate(self.layers, start=1):
       x = Block(units, root * 2 ** (b - 1), 1 if b == 1 else 2, dtype=self.dtype,
                 residual_gain=self.residual_gain, drop_rates=rates[b - 1] if rates else (),
-                avg_down=self.avg_down, name=f"block{b}")(x, not train)
-    x = nn.relu(GroupNorm(dtype=self.dtype, name="group_norm")(x))
+                avg_down=self.avg_down, for_cpu=self.for_cpu, name=f"block{b}")(x, not train)
+    x = nn.relu(GroupNorm(dtype=self.dtype, for_cpu=self.for_cpu, name="group_norm")(x))
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if pre_logits or not self.num_classes:
       return features
