@@ -44,7 +44,10 @@ def _override_error(argv: list[str], error: Exception) -> str:
   spec = specs[-1]
   if not os.path.exists(spec.partition(":")[0]):
     return f"Config file {spec.partition(':')[0]!r} not found."
-  keys = _flat_keys(_load(spec))
+  try:
+    keys = _flat_keys(_load(spec))
+  except Exception as load_error:  # pylint: disable=broad-except  (get_config refused its arg)
+    return f"{spec}: {(str(load_error) or type(load_error).__name__).splitlines()[0]}"
   for a in argv:
     if a.startswith("--config.") and "=" in a:
       key = a[len("--config."):].split("=", 1)[0]

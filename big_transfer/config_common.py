@@ -16,6 +16,9 @@ def base() -> ml_collections.ConfigDict:
   config.dataset = ""
   config.data_dir = config_dict.placeholder(str)
   config.num_classes = config_dict.placeholder(int)  # Checked against the dataset when set.
+  # What to predict: "" the `label` (or `labels`) feature; another ClassLabel feature,
+  # "FEATURE:N" (its values in N bins) or a derived label (big_transfer/data/labels.py).
+  config.label = ""
   config.train_split = "train"
   config.eval_split = "test"
   config.pp_train = ""
@@ -24,6 +27,7 @@ def base() -> ml_collections.ConfigDict:
   config.cache = False
   config.input_sharding = "process"  # Or "global": batches independent of the process count.
   config.mixup_alpha = 0.0  # One lambda ~ Beta(a, a) per batch (HyperRule: 0.1 from 20k images).
+  config.shots = config_dict.placeholder(int)  # Train on this many examples per class (seed).
 
   # Model (big_transfer.models.get_model).
   config.model = ml_collections.ConfigDict()
@@ -31,6 +35,11 @@ def base() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # Compute dtype; parameters stay float32.
   config.model.head_zero_init = True
   config.model.head_bias_init = 0.0
+  # Start from a checkpoint: a BiT .npz or a run's workdir (its newest checkpoint's params).
+  # Its model must be config.model.name's. `init_head`: "reset" a zero head of the task's
+  # classes (transfer), "keep" the file's head, "auto" keep it when the class counts match.
+  config.init = ""
+  config.init_head = "reset"
 
   # Optimization. Durations: <name>_steps, _examples or _epochs (the first one set wins).
   config.loss = "softmax_xent"
@@ -54,6 +63,13 @@ def base() -> ml_collections.ConfigDict:
   config.schedule.decay_steps = config_dict.placeholder(tuple)
   config.schedule.decay_epochs = config_dict.placeholder(tuple)
   config.schedule.decay_factor = 0.1
+  # Test-resolution fine-tuning: `steps` more steps after the schedule at constant lr
+  # `test_res.lr` (per lr_batch_ref, as `lr`), training on images preprocessed by
+  # `test_res.pp` (the evaluation's resolution). 0 steps: off.
+  config.test_res = ml_collections.ConfigDict()
+  config.test_res.steps = 0
+  config.test_res.lr = config_dict.placeholder(float)
+  config.test_res.pp = config_dict.placeholder(str)
 
   # Few-shot linear evaluation of the pre-logits during training (big_transfer/fewshot_eval.py,
   # big_vision's defaults), logged as fewshot/<dataset>_<k>shot; off while `dataset` is "".
@@ -97,6 +113,50 @@ def upstream(model: str, *, dataset: str, num_classes: int, loss: str, total_epo
   config.total_epochs = total_epochs
   config.schedule.warmup_steps = 5000
   config.schedule.decay_epochs = decay_epochs
+  return config
+
+
+def transfer(task, model: str, shots: int | None = None) -> ml_collections.ConfigDict:
+  """BiT-HyperRule transfer of `model` to `task` (a data.tasks.Task), paper §3.3: SGD momentum
+  0.9, lr 0.003 at batch 512, no weight decay, zero-initialised head, softmax cross-entropy.
+
+  The data-dependent choices (total steps, warmup, decays, MixUp, resolution, the
+  test-resolution phase's lr and preprocessing) are left unset here: `transfer.resolve` fills
+  those still unset after the command line's overrides from the training set's size and
+  image area (big_transfer/hyperrule.py), so any of them can be overridden.
+  """
+  config = base()
+  config.task = task.name
+  config.dataset = task.dataset
+  config.label = task.label
+  config.train_split, config.eval_split = task.train_split, task.eval_split
+  config.shots = shots
+  config.model.name = model
+  config.model.head_zero_init = True
+  config.loss = "softmax_xent"
+  config.batch_size = 512
+  config.lr = 0.003
+  config.lr_batch_ref = 512
+  config.wd = 0.0
+  config.momentum = 0.9
+
+  # Filled by the HyperRule where still unset (None) when the run starts.
+  config.mixup_alpha = config_dict.placeholder(float)
+  config.pp_train = config_dict.placeholder(str)
+  config.pp_eval = config_dict.placeholder(str)
+  config.hyperrule = ml_collections.ConfigDict()
+  config.hyperrule.decays = "released"  # lr /10 at 40/60/80% (< 20k examples), else 30/60/90%;
+  #                                       "paper": 30/60/90% in every regime.
+  config.hyperrule.resolution = "paper"  # From 96x96 px: resize 448, crop 384; "released": 512/480.
+  config.hyperrule.flip = task.flip  # Random horizontal flips (off where they change the label).
+  config.hyperrule.crop = task.crop  # Random crops (off where they change the label).
+  config.hyperrule.decode = task.decode  # The preprocessing's first op(s).
+
+  config.shuffle_buffer = 50_000
+  config.log_every_steps = 25
+  config.eval_every_steps = 0  # Only at the end.
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 2
   return config
 
 

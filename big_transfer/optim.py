@@ -49,9 +49,15 @@ class Durations:
     return max(1, round(examples / self.batch_size))
 
 
-def base_lr(config: ml_collections.ConfigDict) -> float:
+def base_lr(config: ml_collections.ConfigDict, lr: float | None = None) -> float:
+  """`lr` (default config.lr) scaled to the batch: lr * batch_size / lr_batch_ref."""
   ref = config.get("lr_batch_ref", 0)
-  return config.lr * (config.batch_size / ref if ref else 1.0)
+  return (config.lr if lr is None else lr) * (config.batch_size / ref if ref else 1.0)
+
+
+def then_constant(schedule: optax.Schedule, start: int, value: float) -> optax.Schedule:
+  """`schedule` before step `start`, `value` from it on (a final phase at its own lr)."""
+  return lambda s: jnp.where(s < start, schedule(s), value)
 
 
 def make_schedule(config: ml_collections.ConfigDict, durations: Durations,

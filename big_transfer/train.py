@@ -22,16 +22,30 @@ NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the jo
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
+def _print_config(config) -> None:
+  """The config as a run would resolve it: a transfer config's HyperRule choices (which read
+  the dataset's size and image size), preceded by why they were chosen."""
+  if "hyperrule" in config:
+    from big_transfer import transfer
+    try:
+      resolved = transfer.resolve(config)
+    except errors.UserError as e:
+      sys.exit(f"error: {e}")
+    config = resolved.config
+    print("".join(f"# {note}\n" for note in resolved.notes), end="")
+  print(config)
+
+
 def main(argv):
   del argv
-  if PRINT_CONFIG.value:
-    print(cli.CONFIG.value)
-    return
-  if not WORKDIR.value:
-    sys.exit("error: --workdir=DIR is required (checkpoints and metrics go there).")
   if not flags.FLAGS["verbosity"].present:
     # Library INFO logs and TF deprecation warnings would drown the progress lines.
     logging.set_verbosity(logging.ERROR)
+  if PRINT_CONFIG.value:
+    _print_config(cli.CONFIG.value)
+    return
+  if not WORKDIR.value:
+    sys.exit("error: --workdir=DIR is required (checkpoints and metrics go there).")
   import jax
   if COORDINATOR.value:
     jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)

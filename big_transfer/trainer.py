@@ -8,8 +8,10 @@ only process 0 writes logs and metrics, all take part in checkpoints.
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import signal
+import time
 from typing import Any, Callable
 
 import jax
@@ -21,8 +23,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_transfer import (checkpoints, evaluate, fewshot_eval, losses, metrics, models, optim,
-                          sharding)
-from big_transfer.data import datasets, mixup, pipeline
+                          results, sharding, transfer)
+from big_transfer.data import mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
 
 CONFIG_FILE = "config.json"  # In the workdir: the config a run started with.
@@ -120,10 +122,18 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
                     f"{config.batch_size // mesh.size}.")
   durations = optim.Durations(num_train_examples, config.batch_size)
   total_steps = durations(config, "total")
+  test_res = config.test_res
   model = models.get_model(
       config.model.name, num_classes, dtype=jnp.dtype(config.model.dtype),
       head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init)
   schedule = optim.make_schedule(config, durations, total_steps)
+  # ---- Transfer: the test-resolution phase, test_res.steps more at constant test_res.lr ----
+  if test_res.steps:
+    if test_res.lr is None or not test_res.pp:
+      raise UserError("test_res.steps needs --config.test_res.lr and --config.test_res.pp "
+                      "(configs/transfer.py's HyperRule fills both).")
+    schedule = optim.then_constant(schedule, total_steps, optim.base_lr(config, test_res.lr))
+    total_steps += test_res.steps
   tx = optim.make_optimizer(config, schedule)
   loss_fn = losses.get(config.loss)
   apply_fn = lambda params, images: model.apply({"params": params}, images)
@@ -184,25 +194,40 @@ def _check_finite(state, last_checkpoint: int | None) -> None:
                         "Lower --config.lr or check the data, then rerun.")
 
 
-def _train_batches(config, dataset, local_batch: int, start_step: int):
+def _train_batches(config, dataset, local_batch: int, start_step: int, subset=None,
+                   test_res_start: int | None = None):
   """This process's share of each global batch, positioned at `start_step`.
 
   `input_sharding="process"` (default): each process reads its own shard of the split.
   `"global"`: every process reads the whole stream and keeps its rows of each global batch,
   so the batches do not depend on the process count (reproducibility checks; costs I/O).
+  `subset`: few-shot positions. From step `test_res_start` on, images are preprocessed with
+  `test_res.pp` (the test-resolution phase).
   """
-  kwargs = dict(seed=config.seed, start_step=start_step, shuffle_buffer=config.shuffle_buffer,
-                cache=config.cache)
-  if config.input_sharding == "process":
-    return pipeline.train_iterator(
-        dataset, config.train_split, config.pp_train, local_batch,
-        process_index=jax.process_index(), process_count=jax.process_count(), **kwargs)
-  if config.input_sharding != "global":
+  if config.input_sharding not in ("process", "global"):
     raise UserError(f"Unknown input_sharding {config.input_sharding!r}; valid: process, global.")
-  rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
-  batches = pipeline.train_iterator(dataset, config.train_split, config.pp_train,
-                                    config.batch_size, **kwargs)
-  return ({k: v[rows] for k, v in batch.items()} for batch in batches)
+  kwargs = dict(seed=config.seed, shuffle_buffer=config.shuffle_buffer, cache=config.cache,
+                subset=subset)
+
+  def batches(pp, start):
+    if config.input_sharding == "process":
+      return pipeline.train_iterator(
+          dataset, config.train_split, pp, local_batch, start_step=start,
+          process_index=jax.process_index(), process_count=jax.process_count(), **kwargs)
+    rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
+    stream = pipeline.train_iterator(dataset, config.train_split, pp, config.batch_size,
+                                     start_step=start, **kwargs)
+    return ({k: v[rows] for k, v in batch.items()} for batch in stream)
+
+  if test_res_start is None or start_step >= test_res_start:
+    return batches(config.test_res.pp if test_res_start is not None else config.pp_train,
+                   start_step)
+
+  def two_phases():
+    yield from itertools.islice(batches(config.pp_train, start_step), test_res_start - start_step)
+    yield from batches(config.test_res.pp, test_res_start)
+
+  return two_phases()
 
 
 def _num_classes(config, dataset) -> int:
@@ -255,12 +280,17 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics
   (empty when preempted). Checkpoints being written are completed whatever happens."""
+  started = time.monotonic()
   mesh = sharding.make_mesh()
-  dataset = datasets.get(config.dataset, config.data_dir)
-  dataset.check_split(config.train_split)
-  dataset.check_split(config.eval_split)
-  setup = build(config, mesh, _num_classes(config, dataset),
-                dataset.num_examples(config.train_split))
+  # ---- Transfer: the data, VTAB splits, HyperRule fields, few-shot subset (transfer.py) ----
+  resolved = transfer.resolve(config)
+  config, dataset = resolved.config, resolved.dataset
+  for note in resolved.notes:
+    metrics.log(note)
+  subset = transfer.train_subset(config, dataset)
+  num_train = dataset.num_examples(config.train_split) if subset is None else len(subset)
+  num_classes = _num_classes(config, dataset)
+  setup = build(config, mesh, num_classes, num_train)
   local_batch = config.batch_size // jax.process_count()
   eval_batch = config.eval_batch_size or config.batch_size
   sharding.check_batch_size(eval_batch, mesh.size, "eval_batch_size")
@@ -274,11 +304,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       state = ckpt.restore(setup.abstract_state)
       if state is None:
         state = setup.init(jax.random.key(config.seed))
+        # ---- Transfer: config.init's backbone, the head as config.init_head says ----
+        if config.init:
+          state["params"] = transfer.init_params(config, num_classes,
+                                                 setup.state_shardings["params"])
         _write_config(config, workdir)
       start_step = int(jax.device_get(state["step"]))
       num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
+      shots = f" ({config.shots} per class)" if config.shots else ""
       metrics.log(f"{config.model.name}: {num_params:,} parameters; {dataset.name} "
-                  f"{dataset.num_examples(config.train_split):,} train images, "
+                  f"{num_train:,} train images{shots}, "
                   f"{dataset.num_classes} classes; batch {config.batch_size} over "
                   f"{jax.device_count()} devices ({jax.process_count()} processes); "
                   f"{setup.total_steps} steps.")
@@ -291,8 +326,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         result = evaluate.classification(eval_step, params, batches, mesh)
         writer.write(step, {f"eval/{k}": v for k, v in result.items()})
         metrics.log(f"step {step}: eval {config.eval_split} accuracy "
-                    f"{100 * result['accuracy']:.2f}% over {int(result['count'])} images, "
-                    f"loss {result['loss']:.4f}")
+                    f"{100 * result['accuracy']:.2f}% (top-5 {100 * result['top5']:.2f}%) over "
+                    f"{int(result['count'])} images, loss {result['loss']:.4f}")
         return result
 
       # Periodic evaluators: classification, then the optional extras (config.fewshot).
@@ -305,7 +340,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         metrics.log(f"Run already finished ({start_step}/{setup.total_steps} steps); "
                     "not retraining.")
       else:
-        batches = _train_batches(config, dataset, local_batch, start_step)
+        test_res_start = (setup.total_steps - config.test_res.steps if config.test_res.steps
+                          else None)
+        batches = _train_batches(config, dataset, local_batch, start_step, subset, test_res_start)
         state, preempted = _train_loop(config, setup, state, batches, mesh, ckpt, writer,
                                        evaluators)
         if preempted:
@@ -316,5 +353,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     finally:
       ckpt.close()
       writer.close()
-  metrics.log(f"Final {config.eval_split} accuracy: {100 * result['accuracy']:.2f}%")
+  # ---- Transfer: results.json, read by big_transfer.tabulate ----
+  results.write(workdir, config, result, steps=setup.total_steps,
+                wall_s=time.monotonic() - started, resumed_from_step=start_step)
+  metrics.log(f"Final {config.eval_split} accuracy: {100 * result['accuracy']:.2f}% (top-5 "
+              f"{100 * result['top5']:.2f}%)")
   return result

@@ -9,12 +9,13 @@ import dataclasses
 import difflib
 import io
 import os
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from big_transfer.data import digits, folder
+from big_transfer.data import digits, folder, labels as derived_labels
 from big_transfer.errors import UserError
 
 # Datasets that ship inside an installed package and are prepared on first use.
@@ -29,6 +30,12 @@ class Dataset:
   num_classes: int
   multi_label: bool  # `labels` is a set of classes (ImageNet-21k / JFT style).
   label_key: str
+  # Computes the label from the example's features (VTAB's structured tasks, data/labels.py).
+  derive_label: Callable[[dict], tf.Tensor] | None = None
+
+  def label(self, example: dict) -> tf.Tensor:
+    """The example's label (class index, or class indices when multi-label)."""
+    return self.derive_label(example) if self.derive_label else example[self.label_key]
 
   def num_examples(self, split: str) -> int:
     return self.builder.info.splits[split].num_examples
@@ -41,6 +48,8 @@ class Dataset:
                        f"valid: {', '.join(self.builder.info.splits)}.") from None
 
   def class_names(self) -> list[str]:
+    if self.derive_label:
+      return [str(i) for i in range(self.num_classes)]
     feature = self.builder.info.features[self.label_key]
     return (feature.feature if self.multi_label else feature).names
 
@@ -49,6 +58,11 @@ class Dataset:
     self.check_split(split)
     if isinstance(self.builder, folder.ImageFolder):
       return self.builder.labels(split)
+    if self.derive_label:
+      ds = self.builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()},
+                                   read_config=tfds.ReadConfig(try_autocache=False))
+      ds = ds.map(self.derive_label, num_parallel_calls=tf.data.AUTOTUNE).batch(8192)
+      return np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros(0, np.int64)])
     ds = self.builder.as_dataset(
         split=split, decoders=tfds.decode.PartialDecoding({self.label_key: True}),
         read_config=tfds.ReadConfig(try_autocache=False))
@@ -90,26 +104,55 @@ def _prepare_embedded(builder: tfds.core.DatasetBuilder) -> None:
     tfds.display_progress_bar(True)
 
 
-def get(name: str, data_dir: str | None = None) -> Dataset:
-  """Resolves `name`, preparing embedded datasets; UserError with the fix otherwise."""
+def get(name: str, data_dir: str | None = None, label: str = "") -> Dataset:
+  """Resolves `name`, preparing embedded datasets; UserError with the fix otherwise.
+
+  `label` picks what to predict (data/labels.py): "" the `label` or multi-hot `labels`
+  feature, another ClassLabel feature, "FEATURE:N" (binned) or a derived label's name.
+  """
   if name.startswith(FOLDER_PREFIX):
     builder = folder.ImageFolder(name[len(FOLDER_PREFIX):])
-    return Dataset(name, builder, builder.info.features["label"].num_classes, False, "label")
+    return _with_label(name, builder, label)
   data_dir = os.path.expanduser(data_dir) if data_dir else None
   # Checked up front: for an unregistered name TFDS would search cloud storage.
   if name.split(":")[0].split("/")[0] not in tfds.list_builders(with_community_datasets=False):
     raise _not_found(name)
-  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except (AssertionError, ValueError) as e:  # E.g. a version this TFDS cannot build.
+    reason = " ".join(str(e).rsplit('": ', 1)[-1].split()).rstrip(".")
+    raise UserError(f"Dataset {name!r}: {reason}; prepare that version with a matching "
+                    "tensorflow-datasets release or name another version.") from None
   if name in EMBEDDED and not builder.is_prepared():
     _prepare_embedded(builder)
   elif not builder.is_prepared():
     raise UserError(
         f"Dataset {name!r} is not prepared in {builder.data_dir!r}: run `tfds build {name} "
         f"--data_dir=...` (with --manual_dir for ImageNet) and pass --config.data_dir.")
+  return _with_label(name, builder, label)
+
+
+def _with_label(name: str, builder: tfds.core.DatasetBuilder, label: str) -> Dataset:
   features = builder.info.features
-  for key, multi in (("label", False), ("labels", True)):
-    if key in features:
-      feature = features[key].feature if multi else features[key]
-      return Dataset(name, builder, feature.num_classes, multi, key)
-  raise UserError(f"Dataset {name!r} has no `label` or `labels` feature; features: "
-                   f"{', '.join(features)}.")
+  if not label:
+    for key, multi in (("label", False), ("labels", True)):
+      if key in features:
+        feature = features[key].feature if multi else features[key]
+        return Dataset(name, builder, feature.num_classes, multi, key)
+    raise UserError(f"Dataset {name!r} has no `label` or `labels` feature; features: "
+                     f"{', '.join(features)}; pick one with --config.label.")
+  if label in derived_labels.DERIVED:
+    derived = derived_labels.DERIVED[label]
+    return Dataset(name, builder, derived.num_classes, False, label, derived.fn)
+  key, _, bins = label.partition(":")
+  feature = features[key] if key in features else None
+  if not isinstance(feature, tfds.features.ClassLabel) or (bins and not (
+      bins.isdigit() and 1 < int(bins) <= feature.num_classes)):
+    class_labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    raise UserError(f"Label {label!r} is not usable for dataset {name!r}; valid: "
+                     f"{', '.join(class_labels)} (each optionally FEATURE:N to group its values "
+                     f"into N classes) or {', '.join(derived_labels.DERIVED)}.")
+  if bins:
+    derived = derived_labels.binned(key, feature.num_classes, int(bins))
+    return Dataset(name, builder, derived.num_classes, False, label, derived.fn)
+  return Dataset(name, builder, feature.num_classes, False, key)

@@ -102,7 +102,7 @@ def _example_fn(dataset: datasets.Dataset, pp_spec: str, seed: int, with_ids: bo
   pp = preprocess.parse(pp_spec)
 
   def fn(index, example):
-    processed = pp({"image": example["image"], dataset.label_key: example[dataset.label_key],
+    processed = pp({"image": example["image"], dataset.label_key: dataset.label(example),
                     "_seed": tf.stack([tf.cast(seed, tf.int64), index])})
     out = {"image": processed["image"], "labels": _labels(dataset, processed)}
     return {**out, "id": example["tfds_id"]} if with_ids else out

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
+from big_transfer import hyperrule as rule
 from big_transfer.errors import UserError
 
 Op = Callable[[dict], dict]
@@ -24,21 +25,28 @@ UPSTREAM_EVAL = "decode|resize(224)|value_range(-1, 1)"
 
 
 def hyperrule(image_area: int, *, flip: bool = True, crop: bool = True,
-              large: Sequence[int] = (448, 384)) -> tuple[str, str]:
+              large: Sequence[int] = rule.LARGE_IMAGE_SIZES["paper"]) -> tuple[str, str]:
   """BiT-HyperRule's (pp_train, pp_eval) for images of `image_area` pixels.
 
   Below 96x96: resize 160, random crop 128; else resize/crop `large` (448/384 in the paper,
-  512/480 in the released code). Eval resizes to the crop size. Turn `flip` off where
-  orientation is the label (dSprites orientation/location, SmallNORB azimuth) and `crop` off
-  where position or size is (Clevr count/distance, DMLab, KITTI distance, dSprites location):
-  training then resizes straight to the crop size.
+  512/480 in the released code); the sizes come from `big_transfer.hyperrule`.
   """
-  resize_size, crop_size = (160, 128) if image_area < 96 * 96 else tuple(large)
-  train = ["decode", f"resize({resize_size})|random_crop({crop_size})" if crop
+  return transfer_specs(*rule.image_sizes(image_area, large), flip=flip, crop=crop)
+
+
+def transfer_specs(resize_size: int, crop_size: int, *, flip: bool = True, crop: bool = True,
+                   decode: str = "decode") -> tuple[str, str]:
+  """(pp_train, pp_eval) of BiT transfer: resize, random crop, random flip; eval resizes to the
+  crop size. Turn `flip` off where orientation is the label (dSprites orientation/location,
+  SmallNORB azimuth) and `crop` off where position or size is (Clevr count/distance, DMLab,
+  KITTI distance, dSprites location): training then resizes straight to the crop size.
+  `decode` replaces the first op (e.g. "decode|scale(255)" for dSprites' 0/1 pixels).
+  """
+  train = [decode, f"resize({resize_size})|random_crop({crop_size})" if crop
            else f"resize({crop_size})"]
   train += ["flip_lr"] if flip else []
   train += ["value_range(-1, 1)"]
-  return "|".join(train), f"decode|resize({crop_size})|value_range(-1, 1)"
+  return "|".join(train), f"{decode}|resize({crop_size})|value_range(-1, 1)"
 
 
 def register(fn):
@@ -184,6 +192,13 @@ def flip_lr() -> Op:
     example, seed = _next_seed(example)
     return {**example, "image": tf.image.stateless_random_flip_left_right(example["image"], seed)}
   return op
+
+
+@register
+def scale(factor: float) -> Op:
+  """uint8 pixels times `factor`, clipped to [0, 255] (dSprites stores 0/1 pixels)."""
+  return _image_op(lambda image: tf.cast(
+      tf.clip_by_value(tf.cast(image, tf.float32) * factor, 0, 255), tf.uint8))
 
 
 @register
