@@ -145,9 +145,11 @@ def transfer(task, model: str, shots: int | None = None) -> ml_collections.Confi
   config.pp_train = config_dict.placeholder(str)
   config.pp_eval = config_dict.placeholder(str)
   config.hyperrule = ml_collections.ConfigDict()
-  config.hyperrule.decays = "released"  # lr /10 at 40/60/80% (< 20k examples), else 30/60/90%;
-  #                                       "paper": 30/60/90% in every regime.
-  config.hyperrule.resolution = "paper"  # From 96x96 px: resize 448, crop 384; "released": 512/480.
+  # Where the lr drops, as fractions of the steps: "released" (the released code's table)
+  # 40/60/80% below 20k examples, else 30/60/90%; "paper" 30/60/90% in every regime.
+  config.hyperrule.decays = "released"
+  # Images from 96x96 px: "paper" resize 448, crop 384; "released" 512/480 (smaller: 160/128).
+  config.hyperrule.resolution = "paper"
   config.hyperrule.flip = task.flip  # Random horizontal flips (off where they change the label).
   config.hyperrule.crop = task.crop  # Random crops (off where they change the label).
   config.hyperrule.decode = task.decode  # The preprocessing's first op(s).

@@ -35,6 +35,7 @@ DECAYS = ("released", "paper")
 @dataclasses.dataclass(frozen=True)
 class Regime:
   name: str
+  examples: str  # Its range, for messages.
   max_examples: float  # Exclusive upper bound on the training examples.
   warmup_steps: int
   total_steps: int
@@ -43,9 +44,9 @@ class Regime:
 
 
 REGIMES = (
-    Regime("small", 20_000, 100, 500, (200, 300, 400), 0.0),
-    Regime("medium", 500_000, 500, 10_000, (3000, 6000, 9000), 0.1),
-    Regime("large", float("inf"), 500, 20_000, (6000, 12_000, 18_000), 0.1),
+    Regime("small", "< 20k", 20_000, 100, 500, (200, 300, 400), 0.0),
+    Regime("medium", "20k to < 500k", 500_000, 500, 10_000, (3000, 6000, 9000), 0.1),
+    Regime("large", ">= 500k", float("inf"), 500, 20_000, (6000, 12_000, 18_000), 0.1),
 )
 
 
@@ -84,22 +85,19 @@ class Choice:
   mixup_alpha: float
   resize_size: int
   crop_size: int
+  decays: str
+  resolution: str
 
-  def explain(self, decays: str, resolution: str) -> str:
+  def explain(self) -> str:
     small = self.image_area < SMALL_IMAGE_AREA
     fractions = "/".join(f"{100 * b / self.total_steps:g}" for b in self.decay_steps)
     return (f"{self.num_examples:,} examples -> {self.regime.name} regime "
-            f"({_bounds(self.regime)}): {self.total_steps} steps, warmup {self.warmup_steps}, "
-            f"lr /10 after {', '.join(map(str, self.decay_steps))} ({fractions}%, {decays} "
-            f"decays), MixUp alpha {self.mixup_alpha:g}; image area {self.image_area:,} px "
-            f"{'<' if small else '>='} 96x96 -> resize {self.resize_size}, crop "
-            f"{self.crop_size}{'' if small else f' ({resolution} resolution)'}.")
-
-
-def _bounds(chosen: Regime) -> str:
-  low = ([0] + [r.max_examples for r in REGIMES])[REGIMES.index(chosen)]
-  return (f"< {chosen.max_examples:,}" if not low else f">= {low:,}" if chosen is REGIMES[-1]
-          else f"{low:,} to < {chosen.max_examples:,}")
+            f"({self.regime.examples}): {self.total_steps} steps, warmup {self.warmup_steps}, "
+            f"lr /10 after {', '.join(map(str, self.decay_steps))} ({fractions}%, "
+            f"{self.decays} decays), MixUp alpha {self.mixup_alpha:g}; image area "
+            f"{self.image_area:,} px {'<' if small else '>='} 96x96 -> resize "
+            f"{self.resize_size}, crop {self.crop_size}"
+            f"{'' if small else f' ({self.resolution} resolution)'}.")
 
 
 def choose(num_examples: int, image_area: int, *, decays: str = "released",
@@ -118,4 +116,4 @@ def choose(num_examples: int, image_area: int, *, decays: str = "released",
   resize, crop = image_sizes(image_area, LARGE_IMAGE_SIZES[resolution])
   return Choice(num_examples, image_area, chosen, chosen.warmup_steps,
                 decay_steps(decay_fractions(chosen, decays), total), total, chosen.mixup_alpha,
-                resize, crop)
+                resize, crop, decays, resolution)

@@ -66,9 +66,10 @@ def make_schedule(config: ml_collections.ConfigDict, durations: Durations,
   base = base_lr(config)
   warmup = durations(sched, "warmup", required=False) or 0
   if sched.kind == "stair":
-    boundaries = durations(sched, "decay", required=False) or []
-    decay = optax.piecewise_constant_schedule(base, {int(b): sched.decay_factor
-                                                     for b in boundaries})
+    scales = {}  # Repeated boundaries (very short runs) decay once each.
+    for boundary in durations(sched, "decay", required=False) or []:
+      scales[int(boundary)] = scales.get(int(boundary), 1.0) * sched.decay_factor
+    decay = optax.piecewise_constant_schedule(base, scales)
   elif sched.kind == "cosine":
     cosine = optax.cosine_decay_schedule(base, max(1, total_steps - warmup))
     decay = lambda s: cosine(jnp.maximum(s - warmup, 0))

@@ -12,6 +12,8 @@ import os
 import jax
 import ml_collections
 
+from big_transfer.errors import UserError
+
 RESULTS_FILE = "results.json"
 
 
@@ -48,5 +50,9 @@ def load(path: str) -> dict:
   """A results.json (or the one in workdir `path`)."""
   if os.path.isdir(path):
     path = os.path.join(path, RESULTS_FILE)
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"Cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]}); rerun "
+                    "that run to write it again.") from None

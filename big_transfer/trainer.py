@@ -122,12 +122,12 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
                     f"{config.batch_size // mesh.size}.")
   durations = optim.Durations(num_train_examples, config.batch_size)
   total_steps = durations(config, "total")
-  test_res = config.test_res
   model = models.get_model(
       config.model.name, num_classes, dtype=jnp.dtype(config.model.dtype),
       head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init)
   schedule = optim.make_schedule(config, durations, total_steps)
   # ---- Transfer: the test-resolution phase, test_res.steps more at constant test_res.lr ----
+  test_res = config.test_res
   if test_res.steps:
     if test_res.lr is None or not test_res.pp:
       raise UserError("test_res.steps needs --config.test_res.lr and --config.test_res.pp "
@@ -219,9 +219,10 @@ def _train_batches(config, dataset, local_batch: int, start_step: int, subset=No
                                      start_step=start, **kwargs)
     return ({k: v[rows] for k, v in batch.items()} for batch in stream)
 
-  if test_res_start is None or start_step >= test_res_start:
-    return batches(config.test_res.pp if test_res_start is not None else config.pp_train,
-                   start_step)
+  if test_res_start is None:
+    return batches(config.pp_train, start_step)
+  if start_step >= test_res_start:
+    return batches(config.test_res.pp, start_step)
 
   def two_phases():
     yield from itertools.islice(batches(config.pp_train, start_step), test_res_start - start_step)
@@ -303,11 +304,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     try:
       state = ckpt.restore(setup.abstract_state)
       if state is None:
-        state = setup.init(jax.random.key(config.seed))
         # ---- Transfer: config.init's backbone, the head as config.init_head says ----
-        if config.init:
-          state["params"] = transfer.init_params(config, num_classes,
-                                                 setup.state_shardings["params"])
+        params = (transfer.init_params(config, num_classes, setup.state_shardings["params"])
+                  if config.init else None)
+        state = setup.init(jax.random.key(config.seed))
+        if params is not None:  # SGD's momentum starts at zero whatever the params.
+          state["params"] = params
         _write_config(config, workdir)
       start_step = int(jax.device_get(state["step"]))
       num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))

@@ -88,7 +88,7 @@ def _apply_hyperrule(config, dataset) -> list[str]:
     else:
       node[name] = value
       chosen.append(f"{prefix}{name}={value}")
-  notes = [f"HyperRule ({dataset.name} {source}): {choice.explain(rule.decays, rule.resolution)}",
+  notes = [f"HyperRule ({dataset.name} {source}): {choice.explain()}",
            f"HyperRule set: {', '.join(chosen) or 'nothing'}."]
   if kept:
     notes.append(f"HyperRule left as configured: {', '.join(kept)}.")

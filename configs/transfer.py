@@ -14,9 +14,11 @@ train on k random examples per class (drawn with --config.seed). `--config.init`
 SGD momentum 0.9, lr 0.003 at batch 512, no weight decay, zero head; the run picks the steps,
 warmup, decays, MixUp and resolution from the training set's size and image size, unless set
 here or on the command line (`--print_config` shows what it chose and why). A rerun resumes
-from the workdir's checkpoint. Cost: 500 steps of 512 at 128 px for a < 20k-image task (about
-10 min for R50x1 on one TPUv3-8, an hour on a GPU); 10k steps at 384 px for CIFAR-10-sized
-sets. Results: `results.json` in the workdir; `python -m big_transfer.tabulate DIR...`.
+from the workdir's checkpoint. Results: `results.json` in the workdir; tabulate many runs with
+`python -m big_transfer.tabulate DIR...`. Cost for R50x1 in training FLOPs (as
+`big_transfer.plan` counts them): a task under 20k images (VTAB-1k, few-shot) 500 steps x 512
+at 128 px = 2 PFLOP; CIFAR-10 10k steps at 384 px = 370 PFLOP; ImageNet 20k steps at 384 px
+= 740 PFLOP (R152x4: about 45x these).
 """
 
 from big_transfer import config_common

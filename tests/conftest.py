@@ -98,7 +98,7 @@ def run_train(workdir, *flags, devices: int = 1, check: bool = True):
 # The slowest files first: pytest-xdist (`-n`, one file per worker at a time) then balances the
 # rest of the suite around them.
 _SLOWEST_FIRST = ("test_resilience.py", "test_upstream.py", "test_engine.py", "test_train.py",
-                  "test_plan.py")
+                  "test_transfer.py", "test_plan.py")
 
 
 def pytest_collection_modifyitems(items):

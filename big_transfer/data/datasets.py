@@ -57,12 +57,17 @@ class Dataset:
     """Every example's label in read order, images not decoded (few-shot selection)."""
     self.check_split(split)
     if isinstance(self.builder, folder.ImageFolder):
-      return self.builder.labels(split)
+      labels = self.builder.labels(split)
+      if not self.derive_label:
+        return labels
+      examples = tf.data.Dataset.from_tensor_slices({"label": labels})  # All a folder knows.
+    elif self.derive_label:
+      examples = self.builder.as_dataset(
+          split=split, decoders={"image": tfds.decode.SkipDecoding()},
+          read_config=tfds.ReadConfig(try_autocache=False))
     if self.derive_label:
-      ds = self.builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()},
-                                   read_config=tfds.ReadConfig(try_autocache=False))
-      ds = ds.map(self.derive_label, num_parallel_calls=tf.data.AUTOTUNE).batch(8192)
-      return np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros(0, np.int64)])
+      batches = examples.map(self.derive_label, num_parallel_calls=tf.data.AUTOTUNE).batch(8192)
+      return np.concatenate(list(batches.as_numpy_iterator()) or [np.zeros(0, np.int64)])
     ds = self.builder.as_dataset(
         split=split, decoders=tfds.decode.PartialDecoding({self.label_key: True}),
         read_config=tfds.ReadConfig(try_autocache=False))
@@ -126,9 +131,11 @@ def get(name: str, data_dir: str | None = None, label: str = "") -> Dataset:
   if name in EMBEDDED and not builder.is_prepared():
     _prepare_embedded(builder)
   elif not builder.is_prepared():
+    manual = (" --manual_dir=DIR` (DIR holding the files its TFDS catalog page lists: it cannot "
+              "be downloaded automatically)" if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else "`")
     raise UserError(
         f"Dataset {name!r} is not prepared in {builder.data_dir!r}: run `tfds build {name} "
-        f"--data_dir=...` (with --manual_dir for ImageNet) and pass --config.data_dir.")
+        f"--data_dir=...{manual} and pass --config.data_dir.")
   return _with_label(name, builder, label)
 
 
