@@ -20,19 +20,6 @@ from absl import app, flags, logging
 from big_transfer import checkpoints, errors, fewshot_eval, metrics, models, sharding, trainer
 from big_transfer.data import datasets, preprocess
 
-INIT = flags.DEFINE_string("init", None, "An official BiT .npz or a run's workdir.")
-DATASET = flags.DEFINE_string("dataset", None, "TFDS name (prepared in --data_dir) or "
-                              "folder:ROOT (ROOT/<split>/<class>/*.jpg).")
-DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
-TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "The split the shots come from.")
-TEST_SPLIT = flags.DEFINE_string("test_split", "test", "The split accuracy is measured on.")
-SHOTS = flags.DEFINE_list("shots", ["1", "5", "10", "25"], "Examples per class.")
-SEEDS = flags.DEFINE_integer("seeds", 3, "Draws of the shots; accuracies are averaged.")
-L2_REG = flags.DEFINE_float("l2_reg", 2.0 ** 10, "L2 regularisation of the least squares.")
-PP = flags.DEFINE_string("pp", None, "Preprocessing spec; default: the run's pp_eval, or "
-                         "224 px for an .npz.")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Global batch for computing features.")
-
 
 def default_pp(init: str) -> str:
   """The workdir's evaluation preprocessing (what the model was trained at), else BiT's
@@ -75,18 +62,36 @@ def evaluate(init: str, dataset: str, *, shots, seeds: int, pp: str | None = Non
 
 def main(argv):
   del argv
-  if not INIT.value or not DATASET.value:
+  args = flags.FLAGS
+  if not args.init or not args.dataset:
     sys.exit("error: --init=PATH (a BiT .npz or a run's workdir) and --dataset=NAME|folder:ROOT "
              "are required.")
-  if not flags.FLAGS["verbosity"].present:
+  if not args["verbosity"].present:
     logging.set_verbosity(logging.ERROR)
   try:
-    evaluate(INIT.value, DATASET.value, shots=SHOTS.value, seeds=SEEDS.value, pp=PP.value,
-             data_dir=DATA_DIR.value, train_split=TRAIN_SPLIT.value,
-             test_split=TEST_SPLIT.value, l2_reg=L2_REG.value, batch_size=BATCH_SIZE.value)
+    evaluate(args.init, args.dataset, shots=args.shots, seeds=args.seeds, pp=args.pp,
+             data_dir=args.data_dir, train_split=args.train_split, test_split=args.test_split,
+             l2_reg=args.l2_reg, batch_size=args.batch_size)
   except errors.UserError as e:
     sys.exit(f"error: {e}")
 
 
+def define_flags():
+  """The command's flags (defined only when it runs, so the module imports anywhere)."""
+  flags.DEFINE_string("init", None, "An official BiT .npz or a run's workdir.")
+  flags.DEFINE_string("dataset", None, "TFDS name (prepared in --data_dir) or folder:ROOT "
+                      "(ROOT/<split>/<class>/*.jpg).")
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
+  flags.DEFINE_string("train_split", "train", "The split the shots come from.")
+  flags.DEFINE_string("test_split", "test", "The split accuracy is measured on.")
+  flags.DEFINE_list("shots", ["1", "5", "10", "25"], "Examples per class.")
+  flags.DEFINE_integer("seeds", 3, "Draws of the shots; accuracies are averaged.")
+  flags.DEFINE_float("l2_reg", 2.0 ** 10, "L2 regularisation of the least squares.")
+  flags.DEFINE_string("pp", None, "Preprocessing spec; default: the run's pp_eval, or 224 px "
+                      "for an .npz.")
+  flags.DEFINE_integer("batch_size", 64, "Global batch for computing features.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

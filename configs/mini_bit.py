@@ -17,34 +17,40 @@ target = classes 5-9 (dog, frog, horse, ship, truck). The configs alone:
 
 (scratch: the transfer config without `init`, at its own `lr`).
 
-Upstream, BiT-S (paper §3.3, configs/bit_s.py) scaled down:
+Upstream: BiT-S (paper §3.3, configs/bit_s.py) scaled down. "paper -> here: why".
+- Data: ILSVRC-2012 (1.28M images, 1000 classes) -> 5 classes x 5,000 (or 1,000): CPU.
+- Model: R50x1 ... R152x4 -> R26x1 (13.9M parameters): CPU.
+- Images: inception crop 224 (5-100% of the area) + flip -> inception crop 32 (25-100%) + flip:
+  a 5% crop of a 32 px image is 7x7 pixels.
+- Batch 4096, lr 0.03 per 256 -> batch 128, the same rate (0.015): 0.1 per 256 diverged (loss
+  19 at step 50).
+- Length 90 epochs (28k steps) -> 100,000 examples (781 steps; 4 epochs of 25,000 or 20 of
+  5,000): ~40 CPU-min, the same compute for both source sizes.
+- Warmup 5000 steps (18%) -> 10,000 examples (10%); lr /10 at epochs 30, 60, 80 of 90 -> at
+  1/3, 2/3, 8/9 of the examples (the same shape); weight decay 1e-4 and softmax kept.
 
-| | BiT-S | here | why |
-|---|---|---|---|
-| data | ILSVRC-2012, 1.28M images, 1000 classes | 5 classes x N (1,000 or 5,000) | CPU |
-| model | R50x1 ... R152x4 | R26x1 (13.9M parameters) | CPU |
-| images | inception crop 224, flip | inception crop 32 (area 25-100%), flip | CIFAR's 32 px; a 5% crop of 32 px is 7x7 pixels |
-| batch, lr | 4096, 0.03 per 256 | 128, 0.1 per 256 | at ~120 updates per epoch the paper's rate learns too slowly in a few epochs |
-| length | 90 epochs | 150,000 examples seen (30 epochs of 5,000, 6 of 25,000) | equal compute for both source sizes, ~25 CPU-min |
-| warmup, decay | 5000 steps; /10 at epochs 30, 60, 80 | 2% of the steps; /10 at 1/3, 2/3, 8/9 | the same shape, a short warmup |
-| weight decay, loss | 1e-4, softmax | 1e-4, softmax | |
+Transfer: BiT-HyperRule (configs/transfer.py:task=folder:ROOT,model=R26x1,shots=10, paper
+§3.3) scaled down. Kept: the small regime (< 20k examples: warmup 20% of the steps, lr /10 at
+40/60/80%, no MixUp), SGD momentum 0.9, no weight decay, the zero head, the 1.25 resize/crop
+ratio.
+- Batch 512 -> 25: CPU (512 would show each of the 50 images ~10 times per step).
+- lr 0.003 at batch 512 -> 0.003 per step (`lr_batch_ref=0`): with 50 training images, a batch
+  of 512 and one of 25 average the gradients of the same images, so the linear scaling to the
+  batch (0.00015 at 25) does not apply.
+- 500 steps, warmup 100 -> 200 steps (100 passes over the 50 images), warmup 40: CPU.
+- Resize 160, random crop 128, eval 128 -> resize 40, random crop 32, eval 32: 128 px costs
+  16x the compute.
+- Test-resolution phase: off (`test_res.steps=0`; at 32 px when set): 40 steps measured +0.1
+  point (README, Transfer).
 
-Transfer, BiT-HyperRule (configs/transfer.py:task=folder:ROOT,model=R26x1,shots=10, paper §3.3)
-scaled down; the rule's regime (< 20k examples: 500 steps, warmup 100, /10 at 40/60/80%, no
-MixUp), SGD momentum 0.9, no weight decay and a zero head are kept:
-
-| | HyperRule | here | why |
-|---|---|---|---|
-| batch | 512 | 50 (the whole 10-shot set) | 50 training images; 512 would repeat each 10 times per step |
-| lr | 0.003 per 512 (0.0003 at 50) | 0.01 per 512 | see the README's table: the rule's rate barely moves a 500-step run at batch 50 |
-| steps | 500, warmup 100 | 200, warmup 40, /10 at 80/120/160 | CPU; 200 steps = 200 epochs of the 10-shot set |
-| resolution | resize 160, random crop 128; eval 128 | resize 40, random crop 32; eval 32 | 128 px costs 16x; 40/32 keeps the rule's 1.25 ratio |
-| test-resolution phase | a short final phase at the eval resolution | off (`test_res.steps`) | measured, see the README |
-
-Cost on 2 idle cores: upstream ~25 CPU-min, each transfer run ~1-2 CPU-min.
+Cost: ~40 CPU-min for the upstream, ~2-3 CPU-min per transfer run (200 steps of 25 images
+at 32 px, compile and the 1,000 test images included).
 """
 
+import ml_collections
+
 from big_transfer import config_common
+from configs import transfer as transfer_config  # Run from the repository root, as train.
 
 MODEL = "R26x1"
 SOURCE_CLASSES = 5
@@ -60,7 +66,7 @@ def _parse(arg: str) -> tuple[str, dict]:
   return kind, options
 
 
-def upstream(root: str) -> config_common.ml_collections.ConfigDict:
+def upstream(root: str) -> ml_collections.ConfigDict:
   config = config_common.base()
   config.dataset = f"folder:{root}"
   config.num_classes = SOURCE_CLASSES
@@ -84,8 +90,7 @@ def upstream(root: str) -> config_common.ml_collections.ConfigDict:
   return config
 
 
-def transfer(root: str) -> config_common.ml_collections.ConfigDict:
-  from configs import transfer as transfer_config  # pylint: disable=g-import-not-at-top
+def transfer(root: str) -> ml_collections.ConfigDict:
   config = transfer_config.get_config(f"task=folder:{root},model={MODEL},shots=10")
   config.batch_size = 25
   config.lr = 0.003
@@ -94,6 +99,7 @@ def transfer(root: str) -> config_common.ml_collections.ConfigDict:
   config.schedule.warmup_steps = 40
   config.pp_train = "decode|resize(40)|random_crop(32)|flip_lr|value_range(-1, 1)"
   config.pp_eval = PP_EVAL
+  config.test_res.pp = "decode|resize(32)|flip_lr|value_range(-1, 1)"  # For test_res.steps > 0.
   config.eval_batch_size = 200
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000  # Short runs: only at the end.

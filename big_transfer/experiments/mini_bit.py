@@ -29,14 +29,8 @@ from absl import app, flags, logging
 from big_transfer import (checkpoints, config_common, errors, fewshot_eval, metrics, models,
                           results, sharding, trainer)
 from big_transfer.data import datasets
-from configs import mini_bit  # The repo's configs/ (run from the repository root).
-
-DATA_ROOT = flags.DEFINE_string("data_root", None, "CIFAR-10 images: train/<class>/*.jpg, "
-                                "test/<class>/*.jpg.")
-WORKDIR = flags.DEFINE_string("workdir", None, "Where the data subsets, runs and summary go.")
-SOURCE_PER_CLASS = flags.DEFINE_integer("source_per_class", 5000,
-                                        "Upstream training images per source class.")
-SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds of the 10-shot draws, fine-tuning and scratch.")
+# configs/mini_bit.py: run from the repository root, as `python -m big_transfer.train`.
+from configs import mini_bit as configs_mini_bit
 
 SHOTS = 10
 SOURCE, TARGET = range(0, 5), range(5, 10)
@@ -131,9 +125,9 @@ def run(data_root: str, workdir: str, source_per_class: int = 5000, seeds: int =
                 f"{os.getloadavg()[0]:.1f}] ===")
 
   # Upstream, with the target's 10-shot linear probe logged as it trains.
-  phase(f"Upstream: {mini_bit.MODEL} on {len(SOURCE)} classes x {source_per_class}")
+  phase(f"Upstream: {configs_mini_bit.MODEL} on {len(SOURCE)} classes x {source_per_class}")
   upstream_dir = os.path.join(workdir, f"upstream{source_per_class}")
-  config = with_overrides(mini_bit.get_config(f"upstream,root={source}"), "upstream")
+  config = with_overrides(configs_mini_bit.get_config(f"upstream,root={source}"), "upstream")
   config.fewshot.dataset = f"folder:{target}"
   config.fewshot.shots = (SHOTS,)
   config.fewshot.every_steps = max(1, round(config.total_examples / config.batch_size / 6)
@@ -149,7 +143,8 @@ def run(data_root: str, workdir: str, source_per_class: int = 5000, seeds: int =
   random_params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
   evaluator = fewshot_eval.Evaluator(
       lambda params, images: model.apply({"params": params}, images, pre_logits=True),
-      target_data, mesh, batch_size=200 // mesh.size * mesh.size, pp=mini_bit.PP_EVAL,
+      target_data, mesh, batch_size=200 // mesh.size * mesh.size,
+      pp=configs_mini_bit.PP_EVAL,
       shots=(SHOTS,), seeds=seeds)
   probes = {}
   for name, params in (("upstream", upstream_params), ("random", random_params)):
@@ -161,7 +156,8 @@ def run(data_root: str, workdir: str, source_per_class: int = 5000, seeds: int =
   for seed in range(seeds):
     for name in runs:
       phase(f"Transfer, seed {seed}: {name}")
-      config = with_overrides(mini_bit.get_config(f"transfer,root={target}"), "transfer")
+      config = with_overrides(configs_mini_bit.get_config(f"transfer,root={target}"),
+                              "transfer")
       config.seed = seed
       if name == "finetune":
         config.init = upstream_dir
@@ -237,20 +233,31 @@ def table(summary: dict) -> str:
 
 def main(argv):
   del argv
-  if not DATA_ROOT.value or not WORKDIR.value:
+  args = flags.FLAGS
+  if not args.data_root or not args.workdir:
     sys.exit("error: --data_root=DIR (CIFAR-10 images) and --workdir=DIR are required.")
-  if not flags.FLAGS["verbosity"].present:
+  if not args["verbosity"].present:
     logging.set_verbosity(logging.ERROR)
-  os.makedirs(WORKDIR.value, exist_ok=True)
+  os.makedirs(args.workdir, exist_ok=True)
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # The transfer runs compile the same few programs again and again.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(WORKDIR.value, "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   try:
-    run(DATA_ROOT.value, WORKDIR.value, SOURCE_PER_CLASS.value, SEEDS.value)
+    run(args.data_root, args.workdir, args.source_per_class, args.seeds)
   except (errors.UserError, errors.TrainingError) as e:
     sys.exit(f"error: {e}")
 
 
+def define_flags():
+  """The command's flags (defined only when it runs, so the module imports anywhere)."""
+  flags.DEFINE_string("data_root", None,
+                      "CIFAR-10 images: train/<class>/*.jpg, test/<class>/*.jpg.")
+  flags.DEFINE_string("workdir", None, "Where the data subsets, runs and summary go.")
+  flags.DEFINE_integer("source_per_class", 5000, "Upstream training images per source class.")
+  flags.DEFINE_integer("seeds", 3, "Seeds of the 10-shot draws, fine-tuning and scratch.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
