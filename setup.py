@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "importlib_resources==7.1.0",  # Needed by tensorflow-datasets 4.9.10, not declared by it.
     "jax==0.10.2",
     "jaxlib==0.10.2",
+    "matplotlib==3.11.2",  # python -m big_transfer.plot
     "ml-collections==1.1.0",
     "numpy==2.4.6",
     "optax==0.2.8",
@@ -30,7 +31,9 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+        # ipykernel, nbclient, nbformat: tests/test_notebook.py runs notebooks/ headless.
+        "test": ["ipykernel==7.4.0", "nbclient==0.11.0", "nbformat==5.11.1", "pytest==9.2.0",
+                 "pytest-xdist==3.8.0"],
         # Only for `python -m big_transfer.plan --topology=...` (ahead-of-time TPU compiles with
         # no TPU attached): the libtpu that jax 0.10.2's own `tpu` extra pins (0.0.42.*).
         "tpu": ["libtpu==0.0.42.1"],

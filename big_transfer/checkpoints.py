@@ -2,15 +2,20 @@
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 process killed mid-write leaves the earlier checkpoints as they were, and old checkpoints are
-deleted only after a newer one is finalized. A checkpoint that fails to restore (truncated or
-corrupted after the fact) is moved to `<workdir>/corrupt_checkpoints/` and the previous one is
-used, with a warning; nothing is deleted.
+deleted only after a newer one is finalized. Orbax checksums its metadata but not the array
+data (a flipped bit restores silently), so each checkpoint also carries a checksum of every
+array of the state, computed on the devices when saved and verified after restoring. A
+checkpoint that fails to restore or to verify (truncated or corrupted after the fact) is moved
+to `<workdir>/corrupt_checkpoints/` and the previous one is used, with a warning; nothing is
+deleted. A checkpoint of another model or class count is refused (UserError), not moved: the
+config is wrong, not the file. A failed write is a TrainingError naming the intact checkpoint.
 
 Released BiT checkpoints (`BiT-{S,M}-R*.npz`) are read by `load_bit_npz` and written by
 `save_bit_npz` in the official flat layout: keys `resnet/<flax param path>`, conv kernels HWIO,
 GroupNorm `gamma`/`beta` 1-D, head kernel (1, 1, C, N), all float32.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -26,7 +31,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from big_transfer import metrics, models
-from big_transfer.errors import UserError
+from big_transfer.errors import TrainingError, UserError
 from big_transfer.models import bit
 
 
@@ -42,6 +47,7 @@ class Manager:
   def _open(self, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.join(self._workdir, "checkpoints"),
+        item_handlers=ocp.StandardCheckpointHandler(),  # Reads metadata before any restore.
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True))
 
@@ -49,16 +55,50 @@ class Manager:
     return self._manager.latest_step()
 
   def restore(self, abstract_state):
-    """The newest checkpoint that restores, placed like `abstract_state`; None if none."""
+    """The newest checkpoint that restores and verifies, placed like `abstract_state`; None if
+    none. UserError if the newest readable one holds another model's state."""
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
+        stored = self._manager.item_metadata(step)
+      except Exception as e:  # pylint: disable=broad-except  (unreadable: try an older one)
+        self._quarantine(step, e)
+        continue
+      self._check_structure(step, stored, abstract_state)
+      try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        self._verify(step, state)
       except Exception as e:  # pylint: disable=broad-except  (any failure: try an older one)
         self._quarantine(step, e)
         continue
       metrics.log(f"Resuming from checkpoint at step {step}.")
       return state
     return None
+
+  def _check_structure(self, step: int, stored, abstract_state) -> None:
+    """UserError naming the first array whose path or shape differs from the config's."""
+    on_disk = _shapes(stored)
+    wanted = _shapes(abstract_state)
+    if on_disk == wanted:
+      return
+    differing = sorted(set(on_disk) ^ set(wanted)) or sorted(
+        k for k in wanted if on_disk[k] != wanted[k])
+    # Parameters first: a different model or class count shows there.
+    key = min(differing, key=lambda k: (not k.startswith("params/"), k))
+    found = f"shape {on_disk[key]}" if key in on_disk else "no such array"
+    needed = f"shape {wanted[key]}" if key in wanted else "no such array"
+    raise UserError(
+        f"Workdir {self._workdir} holds checkpoints of another model or optimizer: step {step} "
+        f"has {found} for {key}, this config needs {needed}. Resume with the config that wrote "
+        "them (config.json in the workdir) or pass a new --workdir.")
+
+  def _verify(self, step: int, state) -> None:
+    expected = self._manager.metadata(step).custom_metadata.get(CHECKSUMS)
+    if expected is None:  # Written before checksums were stored.
+      return
+    actual = checksums(state)
+    if expected != actual:
+      bad = sum(a != b for a, b in zip(expected, actual))
+      raise ValueError(f"{bad} array(s) differ from their checksums at save time")
 
   def _quarantine(self, step: int, error: Exception) -> None:
     """Moves an unreadable checkpoint aside (so training can write that step again)."""
@@ -74,13 +114,68 @@ class Manager:
     self._manager = self._open(self._keep)
 
   def save(self, step: int, state) -> None:
-    """Starts an asynchronous save (returns once the arrays are copied off the devices)."""
+    """Starts an asynchronous save (returns once the arrays are copied off the devices); a
+    failure of the previous save surfaces here or in `close`."""
     if step not in self._manager.all_steps():
-      self._manager.save(step, args=ocp.args.StandardSave(state))
+      sums = checksums(state)
+      with self._failures():
+        self._manager.save(step, args=ocp.args.StandardSave(state),
+                           custom_metadata={CHECKSUMS: sums})
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    with self._failures():
+      self._manager.wait_until_finished()
     self._manager.close()
+
+  @contextlib.contextmanager
+  def _failures(self):
+    """A failed write (disk full, read-only or vanished workdir) as one TrainingError line."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many)
+      code = re.search(r"os_error_code='(\d+)'", str(e))  # Tensorstore's wording.
+      if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+      else:
+        reason = os.strerror(int(code[1])) if code else " ".join(str(e).split())[:200]
+      directory = os.path.join(self._workdir, "checkpoints")
+      kept = [int(n) for n in os.listdir(directory) if n.isdigit()]
+      intact = (f"the newest complete checkpoint, step {max(kept)}, is intact" if kept
+                else "no complete checkpoint was written")
+      raise TrainingError(f"Saving a checkpoint to {directory} failed ({reason}); {intact}. "
+                          "Free disk space or make the workdir writable, then rerun the same "
+                          "command to resume.") from None
+
+
+CHECKSUMS = "bit_checksums"
+
+
+@jax.jit
+def _checksums(state) -> jax.Array:
+  """Per array, the sum of its 32-bit words weighted by 2i+1 (mod 2^32): any single flipped
+  bit changes it (an odd weight times 2^k is never 0 mod 2^32), whatever the sharding."""
+  def checksum(x):
+    if x.dtype.itemsize < 4:
+      words = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+      words = words.astype(jnp.uint32).ravel()
+    else:  # 64-bit values become two words each.
+      words = jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+    weights = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+  return jnp.stack([checksum(x) for x in jax.tree.leaves(state)])
+
+
+def checksums(state) -> list[int]:
+  """The checksum of every array of `state`, in tree order (stored with each checkpoint)."""
+  return [int(x) for x in np.asarray(jax.device_get(_checksums(state)))]
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{"params/block1/...": shape} for a state, an abstract state or orbax's metadata of one."""
+  def name(entry):
+    return str(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry))))
+  return {"/".join(name(e) for e in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 PREFIX = "resnet/"

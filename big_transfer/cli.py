@@ -8,9 +8,12 @@ line naming the problem and the valid choices, not a traceback.
 import importlib.util
 import os
 import sys
+import traceback
 
 from absl import flags
 from ml_collections import config_dict, config_flags
+
+from big_transfer.errors import UserError
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None,
@@ -42,12 +45,19 @@ def _override_error(argv: list[str], error: Exception) -> str:
   if not specs:
     return "--config=configs/NAME.py is required."
   spec = specs[-1]
-  if not os.path.exists(spec.partition(":")[0]):
-    return f"Config file {spec.partition(':')[0]!r} not found."
+  path = spec.partition(":")[0]
+  if not os.path.exists(path):
+    return f"Config file {path!r} not found."
   try:
     keys = _flat_keys(_load(spec))
-  except Exception as load_error:  # pylint: disable=broad-except  (get_config refused its arg)
-    return f"{spec}: {(str(load_error) or type(load_error).__name__).splitlines()[0]}"
+  except UserError as e:  # get_config refused its argument (e.g. an unknown task).
+    return f"{spec}: {e}"
+  except Exception as e:  # pylint: disable=broad-except  (any error of the user's file)
+    where = next((f" (line {frame.lineno})" for frame in reversed(traceback.extract_tb(
+        e.__traceback__)) if os.path.abspath(frame.filename) == os.path.abspath(path)), "")
+    reason = " ".join(str(e).split())[:200]
+    return (f"Config file {path!r} raised {type(e).__name__}{where}: {reason}; fix the file "
+            "(it must define get_config(arg=None) returning a ConfigDict).")
   for a in argv:
     if a.startswith("--config.") and "=" in a:
       key = a[len("--config."):].split("=", 1)[0]

@@ -23,20 +23,36 @@ class Writer:
 
   def __init__(self, workdir: str):
     self.is_main = jax.process_index() == 0
-    self._tb = metric_writers.create_default_writer(
-        workdir, just_logging=not self.is_main, asynchronous=False)
+    self._workdir = workdir
+    self._tb = None  # Opened on the first write: a run refused before it leaves no file.
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     scalars = {k: float(v) for k, v in scalars.items()}
+    line = json.dumps({"step": step, **scalars}) + "\n"
+    if self._tb is None:
+      self._tb = metric_writers.create_default_writer(
+          self._workdir, just_logging=not self.is_main, asynchronous=False)
+      if self.is_main and _ends_mid_line(self.path):  # Cut by a full disk: keep it, end it.
+        line = "\n" + line
     self._tb.write_scalars(step, scalars)
     if self.is_main:
       with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **scalars}) + "\n")
+        f.write(line)
 
   def close(self) -> None:
-    self._tb.flush()
-    self._tb.close()
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
+
+
+def _ends_mid_line(path: str) -> bool:
+  try:
+    with open(path, "rb") as f:
+      f.seek(-1, os.SEEK_END)
+      return f.read(1) != b"\n"
+  except OSError:  # Missing or empty.
+    return False
 
 
 class Progress:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
-from big_transfer import cli, config_common, errors, models, sharding, trainer
+from big_transfer import cli, config_common, errors, models, optim, scaling, sharding, trainer
 from big_transfer.data import preprocess
 
 TOPOLOGY = flags.DEFINE_string(
@@ -36,6 +36,21 @@ TOPOLOGY = flags.DEFINE_string(
     "v5e:16x16, v5p:8x8x8, v6e:16x16); default: the local devices.")
 FIND_MAX_BATCH = flags.DEFINE_bool(
     "find_max_batch", False, "Also search the largest per-device batch that fits.")
+REQUIRE_FIT = flags.DEFINE_bool(
+    "require_fit", False, "Compile the step once and exit with an error if it does not fit "
+    "(no search; for launch scripts: launch/tpu_vm.py train --plan).")
+SCALING = flags.DEFINE_list(
+    "scaling", None, "TPU topologies to compare, comma-separated (v3:4x4,v3:8x8,v4:8x8x8): "
+    "the step compiled for each at the config's global batch (strong scaling) and at the "
+    "largest topology's per-device batch (weak scaling), with a step-time model per device.")
+MFU = flags.DEFINE_float(
+    "mfu", scaling.DEFAULT_MFU, "Model FLOPs utilization of --scaling's compute time (default: "
+    "big_vision's BiT-R50x1 on a v3-128; see big_transfer/scaling.py).")
+TRAIN_EXAMPLES = flags.DEFINE_integer(
+    "train_examples", None, "Training images per epoch, for --scaling's time of the whole "
+    "schedule when the config counts epochs (ImageNet-21k: 14197122).")
+SCALING_PLOT = flags.DEFINE_string(
+    "scaling_plot", "scaling.png", "Where --scaling writes its plot of img/s and efficiency.")
 HBM_GIB = flags.DEFINE_float(
     "hbm_gib", None, "Memory per device to plan against, in GiB (default: the TPU table below, "
     "or the local device's own limit where JAX reports one).")
@@ -71,6 +86,8 @@ class Target:
   devices: list
   hbm_bytes: int | None  # Per device.
   peak_flops: float | None  # Per device, bf16.
+  generation: str | None = None  # TPU_CHIPS' generation; None off TPU.
+  per_chip: int = 1  # Devices per chip.
 
 
 def _devices_per_chip(devices) -> int:
@@ -84,7 +101,8 @@ def _target(description: str, devices, hbm_bytes: int | None) -> Target:
   peak = chip.peak_bf16_flops / per_chip if chip else None
   hbm = hbm_bytes or (chip.hbm_bytes // per_chip if chip else None)
   kind = f"{devices[0].device_kind}, {per_chip} per chip" if chip else devices[0].device_kind
-  return Target(f"{description}: {len(devices)} devices ({kind})", list(devices), hbm, peak)
+  return Target(f"{description}: {len(devices)} devices ({kind})", list(devices), hbm, peak,
+                chip and chip.generation, per_chip)
 
 
 def tpu_target(topology: str, hbm_bytes: int | None = None) -> Target:
@@ -134,6 +152,8 @@ class Plan:
   memory: Memory | None = None
   flops: float | None = None  # Per device per step, from the compiler.
   out_of_memory: str | None = None
+  bytes_accessed: float | None = None  # Per device per step, from the compiler.
+  collectives: tuple = ()  # scaling.Collective of one step, from the compiled HLO.
 
   def fits(self, capacity: int | None) -> bool:
     return self.memory is not None and (capacity is None or self.memory.total <= capacity)
@@ -208,11 +228,15 @@ def compile_step(config: ml_collections.ConfigDict, target: Target) -> Plan:
   memory = Memory(stats.argument_size_in_bytes, stats.output_size_in_bytes,
                   stats.alias_size_in_bytes, stats.temp_size_in_bytes,
                   stats.generated_code_size_in_bytes, stats.peak_memory_in_bytes)
-  flops = compiled.cost_analysis().get("flops")
+  cost = compiled.cost_analysis()
+  flops, bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
   # XLA's cost analysis counts a loop body once: with batch_split the step scans over
   # `batch_split` micro-batches. Scaling the whole figure slightly over-counts the per-step
   # work outside the loop (weight standardization, optimizer), negligible for big batches.
-  return Plan(per_device, seconds, memory, flops and flops * config.batch_split)
+  # The collectives count loop trips themselves.
+  return Plan(per_device, seconds, memory, flops and flops * config.batch_split,
+              bytes_accessed=bytes_accessed and bytes_accessed * config.batch_split,
+              collectives=tuple(scaling.collectives(compiled.as_text(), mesh.size)))
 
 
 TIGHT_HEADROOM = 0.05
@@ -364,6 +388,22 @@ def _flags(overrides: dict) -> str:
   return " ".join(f"--config.{k}={v}" for k, v in overrides.items())
 
 
+def require_fit(config: ml_collections.ConfigDict, target: Target) -> Plan:
+  """Compiles the step once and prints its report; UserError unless it fits `target`."""
+  if not target.hbm_bytes:
+    raise errors.UserError("--require_fit needs a memory capacity; this device reports none "
+                           "(pass --hbm_gib=N).")
+  plan = compile_step(config, target)
+  print(report(config, target, plan), flush=True)
+  if not plan.fits(target.hbm_bytes):
+    needs = f"needs {_gib(plan.memory.total)}" if plan.memory else "runs out of memory"
+    raise errors.UserError(
+        f"The step {needs} per device, more than the {_gib(target.hbm_bytes)} of "
+        f"{target.description}; run python -m big_transfer.plan without --require_fit for the "
+        "smallest change that fits.")
+  return plan
+
+
 def run(config: ml_collections.ConfigDict, target: Target, find_max: bool) -> None:
   """Plans `config` on `target` and prints the report, a fix if needed, the max batch if asked."""
   if find_max and not target.hbm_bytes:
@@ -402,14 +442,111 @@ def run(config: ml_collections.ConfigDict, target: Target, find_max: bool) -> No
             f"{batch * len(target.devices)}; {_gib(best.memory.total)} per device)")
 
 
+def _scaling_point(config: ml_collections.ConfigDict, target: Target, topology: str,
+                   mfu: float) -> scaling.Point:
+  """Compiles `config` for `target` and models its step."""
+  plan = compile_step(config, target)
+  devices = len(target.devices)
+  point = scaling.Point(topology, target.generation, devices, devices // target.per_chip,
+                        plan.batch_per_device, plan.memory and plan.memory.total,
+                        target.hbm_bytes)
+  print(f"  compiled {topology} at {plan.batch_per_device}/device: "
+        + (_gib(plan.memory.total) if plan.memory else "out of memory")
+        + f" ({plan.compile_seconds:.0f} s)", flush=True)
+  if plan.memory is None:
+    return point
+  link = scaling.TPU_LINKS[target.generation]
+  traffic = tuple(scaling.summarize(list(plan.collectives)))
+  time = scaling.step_time(plan.flops, plan.bytes_accessed, sum(t.ring_bytes for t in traffic),
+                           target.peak_flops, link.hbm_bytes_per_s / target.per_chip,
+                           link.ici_bytes_per_s / target.per_chip, mfu)
+  return dataclasses.replace(point, flops=plan.flops, bytes_accessed=plan.bytes_accessed,
+                             traffic=traffic, time=time)
+
+
+def schedule_images(config: ml_collections.ConfigDict, train_examples: int | None):
+  """Training images of the config's whole schedule; None if it counts epochs of an unknown
+  dataset size."""
+  if train_examples is None and config.get("total_epochs") is not None and all(
+      config.get(f"total_{unit}") is None for unit in ("steps", "examples")):
+    return None
+  return optim.Durations(train_examples or 0, config.batch_size)(config, "total") * (
+      config.batch_size)
+
+
+def run_scaling(config: ml_collections.ConfigDict, topologies: list[str], mfu: float,
+                train_examples: int | None, plot_path: str, hbm_bytes: int | None) -> None:
+  """Prints a strong- and a weak-scaling table over `topologies` and writes their plot."""
+  if not 0 < mfu <= 1:
+    raise errors.UserError(f"--mfu must be in (0, 1], got {mfu}.")
+  targets = {t: tpu_target(t, hbm_bytes) for t in topologies}
+  for topology, target in targets.items():
+    if target.generation not in scaling.TPU_LINKS:
+      raise errors.UserError(f"No bandwidth figures for {topology!r} "
+                             f"({target.devices[0].device_kind}); known generations: "
+                             f"{', '.join(scaling.TPU_LINKS)}.")
+    sharding.check_batch_size(config.batch_size, len(target.devices))
+  order = sorted(topologies, key=lambda t: (targets[t].generation, len(targets[t].devices)))
+  weak_batch = config.batch_size // max(len(t.devices) for t in targets.values())
+  if weak_batch % config.batch_split:
+    raise errors.UserError(f"batch_split {config.batch_split} must divide the weak-scaling "
+                           f"per-device batch {weak_batch} (batch_size {config.batch_size} over "
+                           "the largest topology's devices).")
+  images = schedule_images(config, train_examples)
+  size = preprocess.output_image_size(config.pp_train)
+  print(f"Scaling {config.model.name} at {size[0]}x{size[1]} px, {num_classes(config)} classes, "
+        f"state_sharding={config.state_sharding}, batch_split={config.batch_split}, "
+        f"model.dtype={config.model.dtype}; MFU {mfu:.3f}", flush=True)
+  compiled = {}
+
+  def point(topology: str, batch: int) -> scaling.Point:
+    if (topology, batch) not in compiled:  # Weak and strong share the largest topology.
+      compiled[topology, batch] = _scaling_point(
+          config_common.with_overrides(config, {"batch_size": batch}), targets[topology],
+          topology, mfu)
+    return compiled[topology, batch]
+
+  curves = {}
+  for label, per_device in ((f"strong scaling (global batch {config.batch_size})", None),
+                            (f"weak scaling ({weak_batch} per device)", weak_batch)):
+    print(f"{label}:", flush=True)
+    points = [point(t, per_device * len(targets[t].devices) if per_device
+                    else config.batch_size) for t in order]
+    curves[label] = scaling.scaling_rows(points, images)
+  for label, rows in curves.items():
+    print(f"\n{label.capitalize()}:\n{scaling.table(rows)}")
+  print("\nPer device: memory = the compiler's total against the HBM; TFLOPs and HBM GB = "
+        "the compiler's FLOPs and bytes accessed per step; collectives per step (bytes, "
+        "replica-group size) from the compiled HLO. Times: compute at the MFU, HBM bytes at "
+        "the chip's bandwidth, collectives as ring traffic over the chip's ICI bandwidth "
+        "(big_transfer/scaling.py); step = the largest (communication overlapped), in "
+        "parentheses compute-or-HBM plus communication. Efficiency: per-device img/s against "
+        "the generation's smallest topology.")
+  if images is None:
+    print("days, chip-hours: the config counts epochs; pass --train_examples=N (images per "
+          "epoch) for the schedule's time.")
+  else:
+    print(f"days, chip-hours: the schedule's {images:,.0f} images at the overlapped step time.")
+  scaling.plot(curves, plot_path, f"{config.model.name} {size[0]}px, "
+               f"{config.state_sharding}, MFU {mfu:.3f}")
+  print(f"Plot: {plot_path}")
+
+
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   hbm = int(HBM_GIB.value * GiB) if HBM_GIB.value else None
   try:
+    if SCALING.value:
+      run_scaling(cli.CONFIG.value, SCALING.value, MFU.value, TRAIN_EXAMPLES.value,
+                  SCALING_PLOT.value, hbm)
+      return
     target = tpu_target(TOPOLOGY.value, hbm) if TOPOLOGY.value else local_target(hbm)
-    run(cli.CONFIG.value, target, FIND_MAX_BATCH.value)
+    if REQUIRE_FIT.value:
+      require_fit(cli.CONFIG.value, target)
+    else:
+      run(cli.CONFIG.value, target, FIND_MAX_BATCH.value)
   except errors.UserError as e:
     sys.exit(f"error: {e}")
 

@@ -7,6 +7,8 @@ Multi-host: on a TPU pod pass `--distributed` on every host (JAX finds the coord
 elsewhere give `--coordinator_address=host:port --num_processes=N --process_id=i`.
 """
 
+import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -41,6 +43,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Library INFO logs and TF deprecation warnings would drown the progress lines.
     logging.set_verbosity(logging.ERROR)
+    std_logging.getLogger("absl").addFilter(_OneLineLibraryErrors())
   if PRINT_CONFIG.value:
     _print_config(cli.CONFIG.value)
     return
@@ -54,8 +57,29 @@ def main(argv):
   from big_transfer import trainer
   try:
     trainer.run(cli.CONFIG.value, WORKDIR.value)
-  except (errors.UserError, errors.TrainingError) as e:
+  except errors.UserError as e:
     sys.exit(f"error: {e}")
+  except (errors.TrainingError, OSError) as e:
+    if isinstance(e, OSError):  # The machine's, not the program's: a full disk, a read-only
+      e = (f"Cannot write {e.filename or 'to the workdir'} ({e.strerror or e}); free disk "
+           "space or make the workdir writable, then rerun the same command to resume from its "
+           "newest checkpoint.")
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # After a failed checkpoint write orbax's writer threads may wait forever for a signal
+    # (seen with a read-only workdir) and keep the interpreter from exiting; the trainer has
+    # already closed what it opened.
+    os._exit(1)  # pylint: disable=protected-access
+
+
+class _OneLineLibraryErrors(std_logging.Filter):
+  """Drops the tracebacks that orbax logs for a failed background save: the trainer reports
+  the failure itself, as one line."""
+
+  def filter(self, record):
+    if "orbax" in record.pathname:
+      record.exc_info = record.exc_text = record.stack_info = None
+    return True
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ only process 0 writes logs and metrics, all take part in checkpoints.
 import contextlib
 import dataclasses
 import itertools
+import json
 import os
 import signal
 import time
@@ -23,16 +24,21 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from big_transfer import (checkpoints, evaluate, fewshot_eval, losses, metrics, models, optim,
-                          results, sharding, transfer)
+                          results, sharding, transfer, validate, workdirs)
 from big_transfer.data import mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
 
-CONFIG_FILE = "config.json"  # In the workdir: the config a run started with.
+
+def _all_gather(x, spec):
+  """Inside shard_map: the whole of a parameter split as `spec` (FSDP)."""
+  if sharding.DATA not in spec:
+    return x
+  return jax.lax.all_gather(x, sharding.DATA, axis=spec.index(sharding.DATA), tiled=True)
 
 
 def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
                     mixup_alpha: float = 0.0, seed: int = 0,
-                    state_sharding: str = "replicated"):
+                    state_sharding: str = "replicated", param_shardings=None):
   """The update step (state, batch) -> (state, metrics), to be jitted with donation.
 
   MixUp (alpha > 0) draws from fold_in(key(seed), step): no RNG state to checkpoint, and a
@@ -41,47 +47,67 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
   With `batch_split` k the batch is processed as k micro-batches whose mean gradients are
   averaged, equal to one pass over the whole batch. With replicated parameters each device
   accumulates the gradients of its own rows and they are averaged over the devices once per
-  step (left to the partitioner, the all-reduce would run once per micro-batch); with FSDP
-  parameters are gathered and gradients reduce-scattered per micro-batch.
+  step (left to the partitioner, the all-reduce would run once per micro-batch).
+
+  FSDP (`param_shardings` split over the devices) is written out per device: each
+  micro-batch all-gathers the split parameters and reduce-scatters their gradients (the
+  transpose of the gather); the small replicated ones are averaged once per step. XLA may
+  still move them (e.g. gather once per step, or all-reduce a sum accumulated over the
+  micro-batches). Left to the partitioner, the step mixed strategies instead: activations
+  gathered over the whole global batch, convolutions split over channels.
 
   A non-finite loss or gradient leaves params and optimizer state unchanged and records the
   step in `state["bad_step"]`, so the state (and every checkpoint of it) stays finite.
   """
 
-  def loss_and_grads(params, images, labels):
-    loss = lambda p: jnp.mean(loss_fn(apply_fn(p, images), labels))
+  def loss_and_grads(params, images, labels, gather=lambda p: p):
+    loss = lambda p: jnp.mean(loss_fn(apply_fn(gather(p), images), labels))
     return jax.value_and_grad(loss)(params)
 
-  def mean_over_micro_batches(params, micro):
+  def mean_over_micro_batches(params, micro, gather=lambda p: p):
     """The mean (loss, grads) over micro-batches stacked on the leading axis."""
     def add(total, mb):
-      return jax.tree.map(jnp.add, total, loss_and_grads(params, mb["image"], mb["labels"])), None
+      grads = loss_and_grads(params, mb["image"], mb["labels"], gather)
+      return jax.tree.map(jnp.add, total, grads), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), _ = jax.lax.scan(add, zeros, micro)
     return jax.tree.map(lambda x: x / batch_split, (loss, grads))
 
+  # Per device: the mean over its rows of each micro-batch (the same count on every device),
+  # so the mean over devices is the global mean.
+  micro_spec = P(None, sharding.DATA)
   accumulate = mean_over_micro_batches
   if state_sharding == "replicated":
-    # Per device: the mean over its rows of each micro-batch (the same count on every device),
-    # so the mean over devices is the global mean.
     accumulate = jax.shard_map(
         lambda params, micro: jax.lax.pmean(mean_over_micro_batches(params, micro),
                                             sharding.DATA),
-        mesh=mesh, in_specs=(P(), P(None, sharding.DATA)), out_specs=P(), check_vma=False)
+        mesh=mesh, in_specs=(P(), micro_spec), out_specs=P(), check_vma=False)
+  elif state_sharding == "fsdp":
+    specs = jax.tree.map(lambda s: s.spec, param_shardings)
+    gather = lambda params: jax.tree.map(_all_gather, params, specs)
+
+    def fsdp_mean(params, micro):
+      loss, grads = mean_over_micro_batches(params, micro, gather)
+      # all_gather's transpose summed the split gradients over the devices (reduce-scatter).
+      grads = jax.tree.map(lambda g, spec: g / mesh.size if sharding.DATA in spec
+                           else jax.lax.pmean(g, sharding.DATA), grads, specs)
+      return jax.lax.pmean(loss, sharding.DATA), grads
+
+    accumulate = jax.shard_map(fsdp_mean, mesh=mesh, in_specs=(specs, micro_spec),
+                               out_specs=(P(), specs), check_vma=False)
 
   def step(state, batch):
     params = state["params"]
     batch = mixup.mixup(jax.random.fold_in(jax.random.key(seed), state["step"]), batch,
                         mixup_alpha)
-    if batch_split == 1:
+    if batch_split == 1 and state_sharding != "fsdp":
       loss, grads = loss_and_grads(params, batch["image"], batch["labels"])
     else:
       # Micro-batch j takes rows j, j+k, ...: each device keeps its own rows, no transfers.
       micro = jax.tree.map(
           lambda x: jnp.swapaxes(x.reshape((-1, batch_split) + x.shape[1:]), 0, 1), batch)
-      micro = jax.lax.with_sharding_constraint(
-          micro, NamedSharding(mesh, P(None, sharding.DATA)))
+      micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, micro_spec))
       loss, grads = accumulate(params, micro)
 
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -150,7 +176,8 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
   step = make_train_step(apply_fn, tx, loss_fn, schedule, mesh, config.batch_split,
-                         config.mixup_alpha, config.seed, config.state_sharding)
+                         config.mixup_alpha, config.seed, config.state_sharding,
+                         shardings["params"])
   train_step = jax.jit(
       step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -271,23 +298,27 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluators):
   return state, False
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """`<workdir>/config.json`: the resolved config the run started with (process 0)."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json(indent=2, sort_keys=True) + "\n")
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics
-  (empty when preempted). Checkpoints being written are completed whatever happens."""
+  """Checks the config, resolves its data (and a transfer config's HyperRule), locks the
+  workdir (one run at a time) and trains or resumes: `_run`. Nothing is written before the
+  lock, so a refused config or unprepared dataset leaves the workdir as it was."""
   started = time.monotonic()
-  mesh = sharding.make_mesh()
-  # ---- Transfer: the data, VTAB splits, HyperRule fields, few-shot subset (transfer.py) ----
+  validate.check_config(config)
+  # ---- Transfer: the data, VTAB splits, HyperRule fields (transfer.py) ----
   resolved = transfer.resolve(config)
-  config, dataset = resolved.config, resolved.dataset
   for note in resolved.notes:
     metrics.log(note)
+  validate.check_config(resolved.config)  # Now with the HyperRule's choices.
+  with workdirs.Lock(workdir):
+    workdirs.check_resumable(resolved.config, workdir)  # As config.json records it.
+    return _run(resolved.config, resolved.dataset, workdir, started)
+
+
+def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
+         started: float) -> dict[str, float]:
+  """Trains (or resumes) to `total_*` steps, then evaluates; returns the final eval metrics
+  (empty when preempted). Checkpoints being written are completed whatever happens."""
+  mesh = sharding.make_mesh()
   subset = transfer.train_subset(config, dataset)
   num_train = dataset.num_examples(config.train_split) if subset is None else len(subset)
   num_classes = _num_classes(config, dataset)
@@ -310,7 +341,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         state = setup.init(jax.random.key(config.seed))
         if params is not None:  # SGD's momentum starts at zero whatever the params.
           state["params"] = params
-        _write_config(config, workdir)
+        workdirs.record_config(config, dataset.class_names(), workdir)
       start_step = int(jax.device_get(state["step"]))
       num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
       shots = f" ({config.shots} per class)" if config.shots else ""

@@ -2,6 +2,8 @@
 can choose its own fake device count (XLA_FLAGS must be set before JAX starts)."""
 
 import atexit
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -9,6 +11,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
+import unittest.mock
 
 import pytest
 
@@ -76,6 +80,35 @@ def error_line(proc) -> str:
   assert "Traceback" not in proc.stderr, proc.stderr
   assert not any(native_logs.is_notice(line) for line in lines), proc.stderr
   return lines[-1]
+
+
+def run_cli(*argv):
+  """`python -m big_transfer.train ARGV` run in this process (no imports or compiles to pay):
+  an object with `returncode` and `stderr` as a subprocess would give, for `error_line`. The
+  `error: ...` message is what sys.exit would print; the exit code is 1 for a message."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from big_transfer import cli, train  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.unparse_flags()
+  stderr = io.StringIO()
+  code = 0
+  argv = ["train", *argv]
+  saved_argv, sys.argv = sys.argv, argv  # ml_collections reads the overrides from sys.argv.
+  try:
+    # The CLI ends a TrainingError with os._exit (see train.main): here, a SystemExit.
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()), \
+         unittest.mock.patch.object(os, "_exit", sys.exit):
+      train.main(cli.parse_flags(argv))
+  except SystemExit as e:
+    if isinstance(e.code, str):
+      stderr.write(e.code + "\n")
+      code = 1
+    else:
+      code = e.code or 0
+  finally:
+    sys.argv = saved_argv
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # Defined per parse.
+      delattr(flags.FLAGS, name)
+  return types.SimpleNamespace(returncode=code, stderr=stderr.getvalue(), stdout="")
 
 
 def logged_losses(workdir) -> dict[int, float]:

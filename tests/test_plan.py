@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from big_transfer import config_common, plan
+from big_transfer import config_common, errors, plan
 from conftest import ROOT
 from configs import demo
 
@@ -144,3 +144,20 @@ def test_compiler_flops_count_every_micro_batch():
   split = plan.compile_step(config_common.with_overrides(config, {"batch_split": 2}),
                             plan.local_target())
   assert 0.9 < split.flops / whole.flops < 2, (split.flops, whole.flops)
+
+
+def test_require_fit_refuses_a_step_over_the_capacity(monkeypatch, capsys):
+  """One compile (faked here: a 3 GiB step), no search: what `launch/tpu_vm.py train --plan`
+  runs on a TPU worker."""
+  total = 3 * GiB
+  compiled = plan.Plan(8, 1.0, plan.Memory(total, 0, 0, 0, 0, total), 1.0)
+  monkeypatch.setattr(plan, "compile_step", lambda config, target: compiled)
+  target = lambda gib: plan.Target("v3:4x4: 32 devices (TPU v3, 2 per chip)", [], gib * GiB, None)
+  assert plan.require_fit(_config(), target(4)) is compiled
+  assert "-> FITS" in capsys.readouterr().out
+  with pytest.raises(errors.UserError, match=r"The step needs 3\.00 GiB per device, more than "
+                     r"the 2\.00 GiB of v3:4x4: 32 devices .*without --require_fit"):
+    plan.require_fit(_config(), target(2))
+  assert "-> DOES NOT FIT" in capsys.readouterr().out
+  with pytest.raises(errors.UserError, match="needs a memory capacity"):
+    plan.require_fit(_config(), plan.Target("local cpu", [], None, None))

@@ -72,6 +72,7 @@ def test_kill_9_five_times_then_resume_is_bitwise_identical(tmp_path, data_dir, 
     code, out, err = _run_until(workdir, data_dir, step)
     assert code == -signal.SIGKILL, err
     assert "Resuming from checkpoint at step" in out
+    assert "Taking over the stale workdir lock" in out  # The killed run's lock blocks nothing.
     kills += 1
     done = step - step % 2 if step - step % 2 > done else done
   run_train(workdir, *FLAGS, f"--config.data_dir={data_dir}")  # Finish.

@@ -82,8 +82,13 @@ class Dataset:
     height, width = self.builder.info.features["image"].shape[:2]
     if height is None or width is None:  # Variable-size images (folders, ImageNet).
       example = next(iter(self.builder.as_dataset(
-          split=split, decoders={"image": tfds.decode.SkipDecoding()})))
-      height, width = tf.io.decode_image(example["image"], expand_animations=False).shape[:2]
+          split=split, decoders={"image": tfds.decode.SkipDecoding()},
+          read_config=tfds.ReadConfig(add_tfds_id=True))))
+      try:
+        height, width = tf.io.decode_image(example["image"], expand_animations=False).shape[:2]
+      except tf.errors.InvalidArgumentError:
+        raise UserError(f"Cannot decode image {example['tfds_id'].numpy().decode()}, the first "
+                        f"of {split!r} (corrupt or not an image); replace or delete it.") from None
     return int(height) * int(width)
 
 

@@ -35,9 +35,18 @@ def check_layout(root: str) -> None:
       raise UserError(f"Split folder {split_dir!r} has no class folders; expected {LAYOUT}.")
     for name in classes:
       class_dir = os.path.join(split_dir, name)
-      if not any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(class_dir)):
+      if not any(_is_image(f) for f in os.listdir(class_dir)):
         raise UserError(f"Class folder {class_dir!r} has no {'/'.join(IMAGE_EXTENSIONS)} images; "
                          "add images or remove the folder.")
+      for nested in _subfolders(class_dir):  # Rare: only then is a second level listed.
+        if any(_is_image(f) for f in os.listdir(os.path.join(class_dir, nested))):
+          raise UserError(f"Folder {os.path.join(class_dir, nested)!r} holds images one level "
+                           f"too deep, where they would be ignored; expected {LAYOUT}: move "
+                           "them up into the class folder.")
+
+
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 class ImageFolder(tfds.folder_dataset.ImageFolder):

@@ -110,11 +110,13 @@ def _example_fn(dataset: datasets.Dataset, pp_spec: str, seed: int, with_ids: bo
   return fn
 
 
-def _batches(ds: tf.data.Dataset, stream: tf.data.Dataset, batch_size: int) -> Iterator[dict]:
-  """Numpy batches of `ds`, built from `stream` (position, encoded example) batch by batch.
+def _batches(ds: tf.data.Dataset, make_stream, batch_size: int, example_fn) -> Iterator[dict]:
+  """Numpy batches of `ds`, built from `make_stream()` (position, encoded example) by
+  `example_fn`.
 
-  An undecodable image stops with a UserError naming its file (found by decoding the failed
-  batch's examples again), not a bare "Invalid JPEG data".
+  An image that cannot be decoded or preprocessed stops with a UserError naming its file
+  (found by processing the failed batch's examples again, from a new stream: iterating the
+  same shuffled dataset twice would give another order), not a bare "Invalid JPEG data".
   """
   iterator = ds.as_numpy_iterator()
   for step in itertools.count():
@@ -123,18 +125,25 @@ def _batches(ds: tf.data.Dataset, stream: tf.data.Dataset, batch_size: int) -> I
     except StopIteration:
       return
     except tf.errors.InvalidArgumentError as error:
-      _raise_undecodable(stream.skip(step * batch_size).take(batch_size), error)
+      _raise_bad_example(make_stream().skip(step * batch_size).take(batch_size), example_fn,
+                         error)
     yield batch
 
 
-def _raise_undecodable(examples: tf.data.Dataset, error: Exception):
-  for _, example in examples:
+def _raise_bad_example(examples: tf.data.Dataset, example_fn, error: Exception):
+  for index, example in examples:
+    name = example["tfds_id"].numpy().decode()
     try:
-      tf.io.decode_image(example["image"], expand_animations=False)
+      shape = tf.io.decode_image(example["image"], expand_animations=False).shape
     except tf.errors.InvalidArgumentError:
-      name = example["tfds_id"].numpy().decode()
       raise UserError(f"Cannot decode image {name} (corrupt or not an image); replace or delete "
                        "it.") from None
+    try:
+      example_fn(index, example)
+    except tf.errors.InvalidArgumentError as e:
+      raise UserError(f"Preprocessing fails on image {name} ({shape[0]}x{shape[1]}): "
+                       f"{preprocess.error_reason(e)}; "
+                       "make the ops fit the images (e.g. resize before random_crop).") from None
   raise error
 
 
@@ -151,17 +160,22 @@ def train_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_ba
   and decoding finish out of order: faster, but batches are no longer reproducible (nor the
   resumption exact, nor the undecodable-file report sure to find the file).
   """
-  ds = _read(dataset, split, process_index, process_count, shuffle_seed=seed, subset=subset)
-  if cache or subset is not None:  # A subset is small, and reading it again means the split.
-    ds = ds.cache()
   # A buffer beyond the shard only mixes epochs, and takes that many reads to fill.
   shard_size = _shard_sizes(dataset, split, process_count, subset)[process_index]
-  stream = ds.repeat().shuffle(min(shuffle_buffer, shard_size), seed=seed,
-                               reshuffle_each_iteration=True)
-  stream = stream.enumerate().skip(start_step * local_batch)  # Skipping costs reads only.
-  ds = stream.map(_example_fn(dataset, pp_spec, seed), num_parallel_calls=tf.data.AUTOTUNE)
+
+  def make_stream():
+    """(position, encoded example) in training order; a new dataset repeats the same order."""
+    ds = _read(dataset, split, process_index, process_count, shuffle_seed=seed, subset=subset)
+    if cache or subset is not None:  # A subset is small, and reading it again means the split.
+      ds = ds.cache()
+    stream = ds.repeat().shuffle(min(shuffle_buffer, shard_size), seed=seed,
+                                 reshuffle_each_iteration=True)
+    return stream.enumerate().skip(start_step * local_batch)  # Skipping costs reads only.
+
+  example_fn = _example_fn(dataset, pp_spec, seed)
+  ds = make_stream().map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _batches(ds.with_options(_options(deterministic)), stream, local_batch)
+  return _batches(ds.with_options(_options(deterministic)), make_stream, local_batch, example_fn)
 
 
 def eval_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_batch: int, *,
@@ -173,16 +187,17 @@ def eval_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_bat
   batches where a shard is shorter. `with_ids` adds each example's `id` (its file name for
   image folders, the TFDS id otherwise; b"" in padding).
   """
-  stream = _read(dataset, split, process_index, process_count, shuffle_seed=None,
-                 subset=subset).enumerate()
-  ds = stream.map(_example_fn(dataset, pp_spec, 0, with_ids), num_parallel_calls=tf.data.AUTOTUNE)
+  make_stream = lambda: _read(dataset, split, process_index, process_count, shuffle_seed=None,
+                              subset=subset).enumerate()
+  example_fn = _example_fn(dataset, pp_spec, 0, with_ids)
+  ds = make_stream().map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE).with_options(_options(True))
   # Every process runs as many batches as the largest shard needs.
   steps = math.ceil(max(_shard_sizes(dataset, split, process_count, subset)) / local_batch)
   # Padding batches are shaped like the real ones (the spec may not know the image size).
   empty = {k: np.zeros([0] + [d or 0 for d in spec.shape[1:]], spec.dtype.as_numpy_dtype)
            for k, spec in ds.element_spec.items()}
-  for batch in _batches(ds, stream, local_batch):
+  for batch in _batches(ds, make_stream, local_batch, example_fn):
     steps -= 1
     empty = {k: v[:0] for k, v in batch.items()}
     yield _pad(batch, local_batch)

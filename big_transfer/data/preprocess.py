@@ -9,6 +9,8 @@ sees exactly the images of an uninterrupted one.
 """
 
 import ast
+import inspect
+import re
 from typing import Callable, Sequence
 
 import tensorflow as tf
@@ -66,8 +68,13 @@ def parse(spec: str) -> Op:
     if name not in _OPS:
       raise UserError(f"Unknown preprocessing op {name!r} in {spec!r}; "
                        f"valid: {', '.join(names())}.")
-    args = ast.literal_eval(f"({args.rstrip(')')},)") if args.strip(") ") else ()
-    ops.append(_OPS[name](*args))
+    try:
+      args = ast.literal_eval(f"({args.rstrip(')')},)") if args.strip(") ") else ()
+      ops.append(_OPS[name](*args))
+    except (SyntaxError, ValueError, TypeError) as e:
+      raise UserError(f"Bad arguments in {part!r} of {spec!r} ({' '.join(str(e).split())}); "
+                       f"write Python literals matching {name}{_signature(_OPS[name])}."
+                       ) from None
 
   def apply(example):
     for op in ops:
@@ -75,6 +82,19 @@ def parse(spec: str) -> Op:
     return example
 
   return apply
+
+
+def error_reason(error: Exception) -> str:
+  """A TensorFlow op error as one short line, without TF's node names and assert wrapping."""
+  message = str(getattr(error, "message", None) or error)
+  message = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*|\s*\[\[.*", "", message)
+  message = re.sub(r"Expected 'tf.Tensor\(False.*?' to be true\. Summarized data: ", "", message)
+  message = re.sub(r"b'([^']*)'", r"\1", message)
+  return " ".join(message.split())[:200]
+
+
+def _signature(fn) -> inspect.Signature:
+  return inspect.signature(fn).replace(return_annotation=inspect.Signature.empty)
 
 
 def _next_seed(example: dict) -> tuple[dict, tf.Tensor]:
