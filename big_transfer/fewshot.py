@@ -17,14 +17,33 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from big_transfer import checkpoints, errors, fewshot_eval, metrics, models, sharding, trainer
+from big_transfer import checkpoints, errors, fewshot_eval, metrics, models, sharding, workdirs
 from big_transfer.data import datasets, preprocess
+
+# allow_override: predict.py defines --init and --batch_size too (same defaults), and the tests
+# import both modules into one process.
+INIT = flags.DEFINE_string("init", None, "An official BiT .npz or a run's workdir.",
+                           allow_override=True)
+DATASET = flags.DEFINE_string("dataset", None, "TFDS name (prepared in --data_dir) or "
+                              "folder:ROOT (ROOT/<split>/<class>/*.jpg).")
+DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
+TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "The split the shots come from.")
+TEST_SPLIT = flags.DEFINE_string("test_split", "test", "The split accuracy is measured on.")
+SHOTS = flags.DEFINE_list("shots", ["1", "5", "10", "25"], "Examples per class.")
+# allow_override: experiments/mini_bit.py defines --seeds too (same default).
+SEEDS = flags.DEFINE_integer("seeds", 3, "Draws of the shots; accuracies are averaged.",
+                             lower_bound=1, allow_override=True)
+L2_REG = flags.DEFINE_float("l2_reg", 2.0 ** 10, "L2 regularisation of the least squares.")
+PP = flags.DEFINE_string("pp", None, "Preprocessing spec; default: the run's pp_eval, or 224 px "
+                         "for an .npz.")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch for computing features.",
+                                  lower_bound=1, allow_override=True)
 
 
 def default_pp(init: str) -> str:
   """The workdir's evaluation preprocessing (what the model was trained at), else BiT's
   upstream evaluation at 224 px."""
-  config_file = os.path.join(init, trainer.CONFIG_FILE)
+  config_file = os.path.join(init, workdirs.CONFIG_NAME)
   if os.path.isfile(config_file):
     with open(config_file) as f:
       return json.load(f).get("pp_eval") or preprocess.UPSTREAM_EVAL
@@ -33,7 +52,7 @@ def default_pp(init: str) -> str:
 
 def evaluate(init: str, dataset: str, *, shots, seeds: int, pp: str | None = None,
              data_dir: str | None = None, train_split: str = "train", test_split: str = "test",
-             l2_reg: float = 2.0 ** 10, batch_size: int = 64) -> dict[int, list[float]]:
+             l2_reg: float = 2.0 ** 10, batch_size: int = 32) -> dict[int, list[float]]:
   """{k: [accuracy per seed]} of the checkpoint `init` on `dataset`; prints the table."""
   try:
     shots = sorted({int(k) for k in shots})
@@ -62,36 +81,18 @@ def evaluate(init: str, dataset: str, *, shots, seeds: int, pp: str | None = Non
 
 def main(argv):
   del argv
-  args = flags.FLAGS
-  if not args.init or not args.dataset:
+  if not INIT.value or not DATASET.value:
     sys.exit("error: --init=PATH (a BiT .npz or a run's workdir) and --dataset=NAME|folder:ROOT "
              "are required.")
-  if not args["verbosity"].present:
+  if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)
   try:
-    evaluate(args.init, args.dataset, shots=args.shots, seeds=args.seeds, pp=args.pp,
-             data_dir=args.data_dir, train_split=args.train_split, test_split=args.test_split,
-             l2_reg=args.l2_reg, batch_size=args.batch_size)
+    evaluate(INIT.value, DATASET.value, shots=SHOTS.value, seeds=SEEDS.value, pp=PP.value,
+             data_dir=DATA_DIR.value, train_split=TRAIN_SPLIT.value, test_split=TEST_SPLIT.value,
+             l2_reg=L2_REG.value, batch_size=BATCH_SIZE.value)
   except errors.UserError as e:
     sys.exit(f"error: {e}")
 
 
-def define_flags():
-  """The command's flags (defined only when it runs, so the module imports anywhere)."""
-  flags.DEFINE_string("init", None, "An official BiT .npz or a run's workdir.")
-  flags.DEFINE_string("dataset", None, "TFDS name (prepared in --data_dir) or folder:ROOT "
-                      "(ROOT/<split>/<class>/*.jpg).")
-  flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
-  flags.DEFINE_string("train_split", "train", "The split the shots come from.")
-  flags.DEFINE_string("test_split", "test", "The split accuracy is measured on.")
-  flags.DEFINE_list("shots", ["1", "5", "10", "25"], "Examples per class.")
-  flags.DEFINE_integer("seeds", 3, "Draws of the shots; accuracies are averaged.")
-  flags.DEFINE_float("l2_reg", 2.0 ** 10, "L2 regularisation of the least squares.")
-  flags.DEFINE_string("pp", None, "Preprocessing spec; default: the run's pp_eval, or 224 px "
-                      "for an .npz.")
-  flags.DEFINE_integer("batch_size", 64, "Global batch for computing features.")
-
-
 if __name__ == "__main__":
-  define_flags()
   app.run(main)

@@ -32,6 +32,18 @@ from big_transfer.data import datasets
 # configs/mini_bit.py: run from the repository root, as `python -m big_transfer.train`.
 from configs import mini_bit as configs_mini_bit
 
+DATA_ROOT = flags.DEFINE_string("data_root", None,
+                                "CIFAR-10 images: train/<class>/*.jpg, test/<class>/*.jpg.")
+# allow_override: train.py and export.py define --workdir, fewshot.py --seeds (same defaults),
+# and the tests import several entry modules into one process.
+WORKDIR = flags.DEFINE_string("workdir", None, "Where the data subsets, runs and summary go.",
+                              allow_override=True)
+SOURCE_PER_CLASS = flags.DEFINE_integer("source_per_class", 5000,
+                                        "Upstream training images per source class.",
+                                        lower_bound=1)
+SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds of the 10-shot draws, fine-tuning and scratch.",
+                             lower_bound=1, allow_override=True)
+
 SHOTS = 10
 SOURCE, TARGET = range(0, 5), range(5, 10)
 SCRATCH_LRS = (0.003, 0.03)  # The rule's rate and 10x (per step); the better one counts.
@@ -233,31 +245,20 @@ def table(summary: dict) -> str:
 
 def main(argv):
   del argv
-  args = flags.FLAGS
-  if not args.data_root or not args.workdir:
+  if not DATA_ROOT.value or not WORKDIR.value:
     sys.exit("error: --data_root=DIR (CIFAR-10 images) and --workdir=DIR are required.")
-  if not args["verbosity"].present:
+  if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)
-  os.makedirs(args.workdir, exist_ok=True)
+  os.makedirs(WORKDIR.value, exist_ok=True)
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # The transfer runs compile the same few programs again and again.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", os.path.join(WORKDIR.value, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   try:
-    run(args.data_root, args.workdir, args.source_per_class, args.seeds)
+    run(DATA_ROOT.value, WORKDIR.value, SOURCE_PER_CLASS.value, SEEDS.value)
   except (errors.UserError, errors.TrainingError) as e:
     sys.exit(f"error: {e}")
 
 
-def define_flags():
-  """The command's flags (defined only when it runs, so the module imports anywhere)."""
-  flags.DEFINE_string("data_root", None,
-                      "CIFAR-10 images: train/<class>/*.jpg, test/<class>/*.jpg.")
-  flags.DEFINE_string("workdir", None, "Where the data subsets, runs and summary go.")
-  flags.DEFINE_integer("source_per_class", 5000, "Upstream training images per source class.")
-  flags.DEFINE_integer("seeds", 3, "Seeds of the 10-shot draws, fine-tuning and scratch.")
-
-
 if __name__ == "__main__":
-  define_flags()
   app.run(main)
