@@ -40,8 +40,8 @@ ratio.
 - 500 steps, warmup 100 -> 200 steps (100 passes over the 50 images), warmup 40: CPU.
 - Resize 160, random crop 128, eval 128 -> resize 40, random crop 32, eval 32: 128 px costs
   16x the compute.
-- Test-resolution phase: off (`test_res.steps=0`; at 32 px when set): 40 steps measured +0.1
-  point (README, Transfer).
+- Test-resolution phase: off (`test_res.steps=0`; at 32 px when set with
+  `--config.test_res.steps=N`); not part of the measured table.
 
 Cost: ~40 CPU-min for the upstream, ~2-3 CPU-min per transfer run (200 steps of 25 images
 at 32 px, compile and the 1,000 test images included).
