@@ -92,6 +92,19 @@ def base() -> ml_collections.ConfigDict:
   config.test_res.lr = config_dict.placeholder(float)
   config.test_res.pp = config_dict.placeholder(str)
 
+  # Few-shot linear evaluation of the pre-logits during training (big_transfer/fewshot_eval.py,
+  # big_vision's defaults), logged as fewshot/<dataset>_<k>shot; off while `dataset` is "".
+  config.fewshot = ml_collections.ConfigDict()
+  config.fewshot.dataset = ""  # TFDS name (in data_dir) or folder:ROOT.
+  config.fewshot.train_split = "train"  # The shots are picked from it.
+  config.fewshot.test_split = "test"
+  config.fewshot.pp = ""  # "": pp_eval.
+  config.fewshot.shots = (1, 5, 10, 25)
+  config.fewshot.seeds = 3
+  config.fewshot.l2_reg = 2.0 ** 10
+  config.fewshot.every_steps = 0  # 0: only at the end.
+  config.fewshot.batch_size = config_dict.placeholder(int)  # Global; unset: eval batch size.
+
   # Bookkeeping.
   config.log_every_steps = 50
   config.eval_every_steps = 1000  # 0: only at the end.

@@ -23,8 +23,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import (checkpoints, evaluate, losses, metrics, models, optim, results,
-                          sharding, transfer, validate, workdirs)
+from big_transfer import (checkpoints, evaluate, fewshot_eval, losses, metrics, models, optim,
+                          results, sharding, transfer, validate, workdirs)
 from big_transfer.data import mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
 
@@ -305,8 +305,10 @@ def _num_classes(config, dataset) -> int:
   return dataset.num_classes
 
 
-def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
-  """Steps from the state's step to the end; returns (state, preempted)."""
+def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluators):
+  """Steps from the state's step to the end; returns (state, preempted). `evaluators`:
+  (every_steps, fn(step, params)) pairs, run every that many steps (0: never) before the
+  last; the caller evaluates at the end."""
   start_step = int(jax.device_get(state["step"]))
   progress = metrics.Progress(setup.total_steps, config.batch_size, start_step)
   with _Preemption() as preemption:
@@ -333,9 +335,10 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
         metrics.log(f"Preempted (SIGTERM): saved step {step}; rerun the same command to "
                     "resume.")
         return state, True
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
-        with progress.paused():
-          evaluate_fn(step, state["params"])
+      for every_steps, evaluate_fn in evaluators:
+        if every_steps and step % every_steps == 0 and not is_last:
+          with progress.paused():
+            evaluate_fn(step, state["params"])
   return state, False
 
 
@@ -368,6 +371,7 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
   eval_batch = config.eval_batch_size or config.batch_size
   sharding.check_batch_size(eval_batch, mesh.size, "eval_batch_size")
   local_eval_batch = eval_batch // jax.process_count()
+  fewshot = fewshot_eval.from_config(config, setup.model, mesh)  # Its data checked up front.
 
   with jax.set_mesh(mesh):
     ckpt = checkpoints.Manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
@@ -406,6 +410,12 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
                     f"{int(result['count'])} images, loss {result['loss']:.4f}")
         return result
 
+      # Periodic evaluators: classification, then the optional extras (config.fewshot).
+      evaluators = [(config.eval_every_steps, run_eval)]
+      if fewshot:
+        evaluators.append((config.fewshot.every_steps,
+                           lambda step, params: fewshot.log(step, params, writer)))
+
       if start_step >= setup.total_steps:
         metrics.log(f"Run already finished ({start_step}/{setup.total_steps} steps); "
                     "not retraining.")
@@ -414,10 +424,12 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
                           else None)
         batches = _train_batches(config, dataset, local_batch, start_step, subset, test_res_start)
         state, preempted = _train_loop(config, setup, state, batches, mesh, ckpt, writer,
-                                       run_eval)
+                                       evaluators)
         if preempted:
           return {}
       result = run_eval(setup.total_steps, state["params"])
+      for _, evaluate_fn in evaluators[1:]:
+        evaluate_fn(setup.total_steps, state["params"])
     finally:
       ckpt.close()
       writer.close()

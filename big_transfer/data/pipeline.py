@@ -213,6 +213,18 @@ def eval_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_bat
     yield _pad(empty, local_batch)
 
 
+def eval_positions(dataset: datasets.Dataset, split: str, *, subset: np.ndarray | None = None,
+                   process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """The positions of the examples `eval_iterator` yields on this process, in order (its
+  real rows; padding excluded)."""
+  sizes = _shard_sizes(dataset, split, process_count, None)
+  start = sum(sizes[:process_index])
+  stop = start + sizes[process_index]
+  if subset is None:
+    return np.arange(start, stop)
+  return subset[(subset >= start) & (subset < stop)]
+
+
 def _pad(batch: dict, size: int) -> dict:
   n = len(batch["image"])
   padded = {k: np.concatenate([v, np.full((size - n,) + v.shape[1:], b"" if v.dtype == object
