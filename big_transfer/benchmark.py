@@ -34,8 +34,12 @@ from absl import app, flags, logging
 from big_transfer import errors
 
 MODEL = flags.DEFINE_string("model", "R50x1", "Model name (R50x1, R101x3, BiT-M-R50x1, ...).")
-RESOLUTION = flags.DEFINE_integer("resolution", 128, "Image height and width in pixels.")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch over all devices.")
+# allow_override: predict.py defines --resolution, --batch_size and --json too, and the tests
+# import both modules into one process.
+RESOLUTION = flags.DEFINE_integer("resolution", 128, "Image height and width in pixels.",
+                                  allow_override=True)
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch over all devices.",
+                                  allow_override=True)
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                           "Compute dtype (config.model.dtype); parameters stay float32.")
 STATE_SHARDING = flags.DEFINE_enum("state_sharding", "replicated", ["replicated", "fsdp"],
@@ -54,7 +58,8 @@ TIMM_CHANNELS_LAST = flags.DEFINE_bool(
 CORES = flags.DEFINE_integer(
     "cores", None, "Pin this process and the timm worker to the first N CPU cores (both "
     "frameworks then size their thread pools to N); default: all cores.")
-JSON = flags.DEFINE_bool("json", False, "End the output with one JSON object of the results.")
+JSON = flags.DEFINE_bool("json", False, "End the output with one JSON object of the results.",
+                        allow_override=True)
 
 GiB = 2 ** 30
 
