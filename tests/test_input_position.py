@@ -95,14 +95,14 @@ def _tiny(total_steps: int, data_dir: str):
 
 
 def test_trainer_resumed_late_reads_its_steps_and_matches(tmp_path, data_dir, reads, monkeypatch):
-  """One process, through the trainer: preempted at step 36 of 40, the resumed run restores the
+  """One process, through the trainer: preempted at step 20 of 24, the resumed run restores the
   input position saved with the checkpoint, reads only its 4 steps' records, and ends with
   the same parameters as the uninterrupted run, bit for bit."""
-  total, preempt_at = 40, 36
+  total, preempt_at = 24, 20
   config = _tiny(total, data_dir)
   trainer.run(config, str(tmp_path / "uninterrupted"))
   assert len(reads) >= total * BATCH
-  with monkeypatch.context() as patch:  # A preemption notice (SIGTERM) at step 36.
+  with monkeypatch.context() as patch:  # A preemption notice (SIGTERM) at step 20.
     patch.setattr(trainer._Preemption, "reached", lambda self, step: step == preempt_at)
     assert trainer.run(config, str(tmp_path / "resumed")) == {}
   saved = tmp_path / "resumed" / "checkpoints" / str(preempt_at) / "input" / "process_0-of-1.json"

@@ -59,7 +59,8 @@ def ours(data: str, batch_size: int, steps: int, seconds: float) -> dict:
     checkpoints.InputPositionHandler().save(epath.Path(directory),
                                             checkpoints.InputPositionSave(steps * batch_size))
     state_bytes = sum(f.stat().st_size for f in os.scandir(directory))
-  rate = input_pipeline._throughput(batches(), batch_size, seconds)  # pylint: disable=protected-access
+  rate = input_pipeline._throughput(  # pylint: disable=protected-access
+      batches(), batch_size, seconds)
   return {"records_read_to_resume": read_to_resume, "first_batch_s": first_batch_s,
           "state_bytes": state_bytes, "img_per_s": rate}
 
@@ -119,7 +120,8 @@ def grain_side(data: str, batch_size: int, steps: int, seconds: float, cores: in
   ds = ds.batch(batch_size, drop_remainder=True)
   options = grain.ReadOptions(num_threads=cores, prefetch_buffer_size=2)
   iterator = iter(ds.to_iter_dataset(options))
-  rate = input_pipeline._throughput(iterator, batch_size, seconds)  # pylint: disable=protected-access
+  rate = input_pipeline._throughput(  # pylint: disable=protected-access
+      iterator, batch_size, seconds)
   state = json.dumps(iterator.get_state())
   resumed = iter(ds.to_iter_dataset(options))
   resumed.set_state({"next_index": steps})  # Grain's position: the index of the next batch.
