@@ -60,8 +60,10 @@ def test_iterator_resumed_late_reads_one_batch(name, data_dir, reads):
     np.testing.assert_array_equal(resumed[key], expected[key])
 
 
-def test_tfrecord_data_resumed_late_reads_at_most_an_epoch(tmp_path, monkeypatch):
-  """TFDS tfrecord data is read in sequence: a resume reads its epoch up to its place."""
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_tfrecord_data_resumed_late_reads_at_most_an_epoch(repeats, tmp_path, monkeypatch):
+  """TFDS tfrecord data is read in sequence: a resume reads its epoch up to its place. With
+  repeated augmentation it may resume between the copies of an example."""
   tfds.builder("sklearn_digits", data_dir=str(tmp_path), file_format="tfrecord"
                ).download_and_prepare()
   digits = datasets.get("sklearn_digits", str(tmp_path))
@@ -72,19 +74,25 @@ def test_tfrecord_data_resumed_late_reads_at_most_an_epoch(tmp_path, monkeypatch
       lambda image: examples.append(1) or image, [e["image"]], tf.string, stateful=True)}
   monkeypatch.setattr(datasets.Dataset, "as_dataset",
                       lambda *args, **kwargs: as_dataset(*args, **kwargs).map(count))
-  late = 370  # 172 examples into the fifth epoch of 1437.
+  late = 370  # Stream index 5920: 172 examples into the fifth epoch of 1437, or with 3 copies
+  # each, example 1973 (536 into the second epoch) and its second copy.
   batches = lambda start=0: pipeline.train_iterator(digits, "train", "decode", BATCH, seed=0,
-                                                    start=start, shuffle_buffer=100)
+                                                    start=start, shuffle_buffer=100,
+                                                    repeats=repeats)
   uninterrupted = batches()
   for _ in range(late):
     next(uninterrupted)
   expected = next(uninterrupted)
-  assert len(examples) >= (late + 1) * BATCH
+  assert len(examples) >= (late + 1) * BATCH // repeats
   del uninterrupted
   examples.clear()
   np.testing.assert_array_equal(next(batches(late * BATCH))["image"], expected["image"])
-  into_epoch = late * BATCH - 4 * 1437  # Then the shuffle buffer's 100 are read.
-  assert into_epoch + BATCH <= len(examples) <= into_epoch + 100 + READ_AHEAD
+  example_of_row = (late * BATCH + np.arange(BATCH)) // repeats
+  for j in np.unique(example_of_row):  # The copies of an example are the same image.
+    copies = expected["image"][example_of_row == j]
+    assert all(np.array_equal(copies[0], copy) for copy in copies[1:])
+  into_epoch = late * BATCH // repeats % 1437  # Then the shuffle buffer's 100 are read.
+  assert into_epoch + BATCH // repeats <= len(examples) <= into_epoch + 100 + READ_AHEAD
 
 
 def _tiny(total_steps: int, data_dir: str):

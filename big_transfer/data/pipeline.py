@@ -157,17 +157,19 @@ def _raise_bad_example(examples: tf.data.Dataset, example_fn, error: Exception):
 _ENDLESS = 2**62  # Stream indices run from 0 to here: no run reaches it.
 
 
-def _random_access_stream(reader: datasets.Reader, positions: np.ndarray, seed: int):
+def _random_access_stream(reader: datasets.Reader, positions: np.ndarray, seed: int,
+                          repeats: int):
   """(start, keep) -> (index, example) from stream index `start` on, for the indices that
-  `keep` (a predicate, or None for all) selects: index i is epoch i // n's (i % n)-th example,
-  epochs being permutations of `positions` drawn from (seed, epoch). Only the selected examples
-  at or after `start` are read."""
+  `keep` (a predicate, or None for all) selects: index i holds example j = i // repeats, epoch
+  j // n's (j % n)-th, epochs being permutations of `positions` drawn from (seed, epoch). Only
+  the selected examples at or after `start` are read."""
   n = len(positions)
   positions = tf.constant(positions, tf.int64)
 
   def example(index):
-    epoch_seed = tf.stack([tf.constant(seed, tf.int64), index // n])
-    shuffled = tf.random.experimental.index_shuffle(index % n, epoch_seed, n - 1)
+    j = index // repeats
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), j // n])
+    shuffled = tf.random.experimental.index_shuffle(j % n, epoch_seed, n - 1)
     return index, reader.read(tf.gather(positions, shuffled))
 
   def stream(start, keep=None):
@@ -179,11 +181,12 @@ def _random_access_stream(reader: datasets.Reader, positions: np.ndarray, seed: 
   return stream
 
 
-def _sequential_stream(examples: tf.data.Dataset, n: int, seed: int, shuffle_buffer: int):
+def _sequential_stream(examples: tf.data.Dataset, n: int, seed: int, shuffle_buffer: int,
+                       repeats: int):
   """(start, keep) -> (index, example) as `_random_access_stream`, for data read only in
-  sequence: epoch e is `examples` through a shuffle buffer seeded by (seed, e). Starting
-  mid-epoch reads (and drops) the epoch's examples before `start`: up to one epoch of this
-  process's shard."""
+  sequence: epoch e is `examples` through a shuffle buffer seeded by (seed, e), each example
+  `repeats` times in a row. Starting mid-epoch reads (and drops) the epoch's examples before
+  `start`: up to one epoch of this process's shard."""
   buffer = min(shuffle_buffer, n)  # A larger one only takes longer to fill.
 
   def epoch(e):
@@ -191,17 +194,26 @@ def _sequential_stream(examples: tf.data.Dataset, n: int, seed: int, shuffle_buf
                                              minval=None, maxval=None, dtype=tf.int64)
     return examples.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
 
+  def copies(j, example):
+    """Example j at stream indices j x repeats ... (j + 1) x repeats - 1."""
+    return tf.data.Dataset.zip((tf.data.Dataset.range(j * repeats, (j + 1) * repeats),
+                                tf.data.Dataset.from_tensors(example).repeat(repeats)))
+
   def stream(start, keep=None):
-    first = start // n * n
-    epochs = tf.data.Dataset.range(start // n, _ENDLESS).flat_map(epoch)
-    indexed = epochs.enumerate(first).skip(start - first)
+    begin = start // repeats  # The example (index without repeats) holding `start`.
+    first = begin // n * n
+    epochs = tf.data.Dataset.range(begin // n, _ENDLESS).flat_map(epoch)
+    indexed = epochs.enumerate(first).skip(begin - first)
+    if repeats > 1:
+      indexed = indexed.flat_map(copies).skip(start - begin * repeats)
     return indexed if keep is None else indexed.filter(lambda i, _: keep(i))
 
   return stream
 
 
 def _stream(dataset: datasets.Dataset, split: str, *, seed: int, shuffle_buffer: int,
-            cache: bool, subset: np.ndarray | None, process_index: int, process_count: int):
+            cache: bool, subset: np.ndarray | None, repeats: int, process_index: int,
+            process_count: int):
   """(the `_random_access_stream`-like stream of this process's encoded examples, examples per
   epoch, whether starting late costs reads): random access where the data allows it, else in
   sequence."""
@@ -211,12 +223,12 @@ def _stream(dataset: datasets.Dataset, split: str, *, seed: int, shuffle_buffer:
   if reader is not None:
     positions = (np.arange(reader.size) if subset is None else
                  _local_subset(dataset, split, process_index, process_count, subset))
-    return _random_access_stream(reader, positions, seed), len(positions), False
+    return _random_access_stream(reader, positions, seed, repeats), len(positions), False
   n = _shard_sizes(dataset, split, process_count, subset)[process_index]
   examples = _read(dataset, split, process_index, process_count, subset=subset)
   if cache or subset is not None:  # A subset is small, and reading it again means the split.
     examples = examples.cache()
-  return _sequential_stream(examples, n, seed, shuffle_buffer), n, True
+  return _sequential_stream(examples, n, seed, shuffle_buffer, repeats), n, True
 
 
 class TrainIterator:
@@ -248,7 +260,7 @@ def train_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, batch_si
                    then: tuple[int, str] | None = None, shuffle_buffer: int = 10_000,
                    cache: bool = False, subset: np.ndarray | None = None,
                    deterministic: bool = True, process_index: int = 0,
-                   process_count: int = 1) -> TrainIterator:
+                   process_count: int = 1, repeats: int = 1) -> TrainIterator:
   """Endless shuffled, augmented batches of `batch_size`, from stream index `start` on.
 
   The stream is this process's shard in epochs, each a permutation drawn from (seed, epoch),
@@ -262,15 +274,23 @@ def train_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, batch_si
   `then[1]`. `subset` (few_shot_subset) restricts the examples. `deterministic=False` lets
   reads and decoding finish out of order: faster, but batches are no longer reproducible (nor
   the resumption exact, nor the undecodable-file report sure to find the file).
+
+  `repeats` r > 1: repeated augmentation (Hoffer et al. 2020; ResNet strikes back uses 3).
+  Stream index i holds the example of index i // r of the stream without repeats, so each
+  example of this process's shard comes r times in a row, each copy at its own stream index and
+  so with its own augmentation draws; the shards stay disjoint, so the processes hold distinct
+  copies of distinct images. Steps and epochs count the copies, as timm's RepeatAugSampler does
+  (an epoch sees 1/r of the images, r times each).
   """
   if start % batch_size:
     raise ValueError(f"start {start} is not a multiple of the batch size {batch_size}.")
   stream, epoch_size, late_start_reads = _stream(
       dataset, split, seed=seed, shuffle_buffer=shuffle_buffer, cache=cache, subset=subset,
-      process_index=process_index, process_count=process_count)
-  if late_start_reads and start % epoch_size:
+      repeats=repeats, process_index=process_index, process_count=process_count)
+  to_read = start // repeats % epoch_size
+  if late_start_reads and to_read:
     metrics.log(f"Input: {dataset.name} {split!r} is stored as tfrecord, read only in "
-                f"sequence: reading {start % epoch_size} examples to resume mid-epoch (at most "
+                f"sequence: reading {to_read} examples to resume mid-epoch (at most "
                 f"an epoch, {epoch_size}, per process). Prepare it as array_record (`tfds build "
                 "--file_format=array_record`) to resume without reading.")
   lo, hi = rows or (0, batch_size)
@@ -312,6 +332,18 @@ def eval_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_bat
     yield _pad(batch, local_batch)
   for _ in range(steps):
     yield _pad(empty, local_batch)
+
+
+def eval_positions(dataset: datasets.Dataset, split: str, *, subset: np.ndarray | None = None,
+                   process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """The positions of the examples `eval_iterator` yields on this process, in order (its
+  real rows; padding excluded)."""
+  sizes = _shard_sizes(dataset, split, process_count, None)
+  start = sum(sizes[:process_index])
+  stop = start + sizes[process_index]
+  if subset is None:
+    return np.arange(start, stop)
+  return subset[(subset >= start) & (subset < stop)]
 
 
 def _pad(batch: dict, size: int) -> dict:
