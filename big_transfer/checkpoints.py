@@ -10,12 +10,18 @@ to `<workdir>/corrupt_checkpoints/` and the previous one is used, with a warning
 deleted. A checkpoint of another model or class count is refused (UserError), not moved: the
 config is wrong, not the file. A failed write is a TrainingError naming the intact checkpoint.
 
+Next to the state (item `default`), a checkpoint holds each process's input position (item
+`input`, one `process_<i>-of-<n>.json` per process, Grain's layout): resuming reads from there
+instead of reading the input again up to the saved step.
+
 Released BiT checkpoints (`BiT-{S,M}-R*.npz`) are read by `load_bit_npz` and written by
 `save_bit_npz` in the official flat layout: keys `resnet/<flax param path>`, conv kernels HWIO,
 GroupNorm `gamma`/`beta` 1-D, head kernel (1, 1, C, N), all float32.
 """
 
 import contextlib
+import dataclasses
+import json
 import os
 import re
 import zipfile
@@ -35,18 +41,25 @@ from big_transfer.models import bit
 
 
 class Manager:
-  """Saves asynchronously, keeps the `keep` newest; the trainer saves every `every_steps`."""
+  """Saves asynchronously, keeps the `keep` newest; the trainer saves every `every_steps`.
+
+  `input_position`: this process's input position saved with the checkpoint that `restore`
+  returned; None if there was none, or it was saved by another number of processes.
+  """
 
   def __init__(self, workdir: str, every_steps: int, keep: int):
     self.every_steps = every_steps
     self._workdir = files.path(workdir)
     self._manager = self._open(keep)
     self._keep = keep
+    self.input_position = None
 
   def _open(self, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         self._workdir / "checkpoints",
-        item_handlers=ocp.StandardCheckpointHandler(),  # Reads metadata before any restore.
+        # The standard handler reads metadata before any restore.
+        item_handlers={"default": ocp.StandardCheckpointHandler(),
+                       "input": InputPositionHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True))
 
@@ -58,18 +71,24 @@ class Manager:
     none. UserError if the newest readable one holds another model's state."""
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        stored = self._manager.item_metadata(step)
+        stored = self._manager.item_metadata(step)["default"]
       except Exception as e:  # pylint: disable=broad-except  (unreadable: try an older one)
         self._quarantine(step, e)
         continue
       self._check_structure(step, stored, abstract_state)
       try:
-        state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        state = self._manager.restore(step, args=ocp.args.Composite(
+            default=ocp.args.StandardRestore(abstract_state)))["default"]
         self._verify(step, state)
+        input_position = None
+        if (self._manager.directory / str(step) / "input").exists():
+          input_position = self._manager.restore(step, args=ocp.args.Composite(
+              input=InputPositionRestore()))["input"]
       except Exception as e:  # pylint: disable=broad-except  (any failure: try an older one)
         self._quarantine(step, e)
         continue
       metrics.log(f"Resuming from checkpoint at step {step}.")
+      self.input_position = input_position
       return state
     return None
 
@@ -111,13 +130,17 @@ class Manager:
     self._manager.close()
     self._manager = self._open(self._keep)
 
-  def save(self, step: int, state) -> None:
-    """Starts an asynchronous save (returns once the arrays are copied off the devices); a
-    failure of the previous save surfaces here or in `close`."""
+  def save(self, step: int, state, input_position: int | None = None) -> None:
+    """Starts an asynchronous save (returns once the arrays are copied off the devices) of
+    `state` and this process's `input_position`; a failure of the previous save surfaces here
+    or in `close`."""
     if step not in self._manager.all_steps():
       sums = checksums(state)
+      items = {"default": ocp.args.StandardSave(state)}
+      if input_position is not None:
+        items["input"] = InputPositionSave(input_position)
       with self._failures():
-        self._manager.save(step, args=ocp.args.StandardSave(state),
+        self._manager.save(step, args=ocp.args.Composite(**items),
                            custom_metadata={CHECKSUMS: sums})
 
   def close(self) -> None:
@@ -143,6 +166,44 @@ class Manager:
       raise TrainingError(f"Saving a checkpoint to {directory} failed ({reason}); {intact}. "
                           "Free disk space or make the workdir writable, then rerun the same "
                           "command to resume.") from None
+
+
+class InputPositionHandler(ocp.CheckpointHandler):
+  """Every process writes and reads its own input position: `process_<i>-of-<n>.json`, as
+  Grain's checkpoint handler does (orbax's JSON handler writes from process 0 only)."""
+
+  def save(self, directory: epath.Path, args: "InputPositionSave"):
+    (directory / _position_file()).write_text(json.dumps({"position": args.position}))
+
+  def restore(self, directory: epath.Path, args: "InputPositionRestore | None" = None):
+    del args
+    path = directory / _position_file()
+    return json.loads(path.read_text())["position"] if path.exists() else None
+
+  def metadata(self, directory: epath.Path):
+    del directory
+
+  def finalize(self, directory: epath.Path):
+    del directory
+
+  def close(self):
+    pass
+
+
+def _position_file() -> str:
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+@ocp.args.register_with_handler(InputPositionHandler, for_save=True)
+@dataclasses.dataclass
+class InputPositionSave(ocp.args.CheckpointArgs):
+  position: int
+
+
+@ocp.args.register_with_handler(InputPositionHandler, for_restore=True)
+@dataclasses.dataclass
+class InputPositionRestore(ocp.args.CheckpointArgs):
+  pass
 
 
 CHECKSUMS = "bit_checksums"

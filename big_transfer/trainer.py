@@ -8,7 +8,6 @@ only process 0 writes logs and metrics, all take part in checkpoints.
 
 import contextlib
 import dataclasses
-import itertools
 import json
 import os
 import signal
@@ -261,40 +260,32 @@ def _check_finite(state, last_checkpoint: int | None) -> None:
 
 
 def _train_batches(config, dataset, local_batch: int, start_step: int, subset=None,
-                   test_res_start: int | None = None):
-  """This process's share of each global batch, positioned at `start_step`.
+                   test_res_start: int | None = None,
+                   position: int | None = None) -> pipeline.TrainIterator:
+  """This process's share of each global batch, from input `position` (saved with the
+  checkpoint; None: the start of step `start_step + 1`).
 
   `input_sharding="process"` (default): each process reads its own shard of the split.
   `"global"`: every process reads the whole stream and keeps its rows of each global batch,
-  so the batches do not depend on the process count (reproducibility checks; costs I/O).
+  so the batches do not depend on the process count (reproducibility checks; data read only
+  in sequence is read whole by every process).
   `subset`: few-shot positions. From step `test_res_start` on, images are preprocessed with
   `test_res.pp` (the test-resolution phase).
   """
   if config.input_sharding not in ("process", "global"):
     raise UserError(f"Unknown input_sharding {config.input_sharding!r}; valid: process, global.")
-  kwargs = dict(seed=config.seed, shuffle_buffer=config.shuffle_buffer, cache=config.cache,
-                subset=subset, repeats=config.repeated_aug)
-
-  def batches(pp, start):
-    if config.input_sharding == "process":
-      return pipeline.train_iterator(
-          dataset, config.train_split, pp, local_batch, start_step=start,
-          process_index=jax.process_index(), process_count=jax.process_count(), **kwargs)
-    rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
-    stream = pipeline.train_iterator(dataset, config.train_split, pp, config.batch_size,
-                                     start_step=start, **kwargs)
-    return ({k: v[rows] for k, v in batch.items()} for batch in stream)
-
-  if test_res_start is None:
-    return batches(config.pp_train, start_step)
-  if start_step >= test_res_start:
-    return batches(config.test_res.pp, start_step)
-
-  def two_phases():
-    yield from itertools.islice(batches(config.pp_train, start_step), test_res_start - start_step)
-    yield from batches(config.test_res.pp, test_res_start)
-
-  return two_phases()
+  if config.input_sharding == "process":
+    batch, rows = local_batch, None
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  else:
+    batch, rows, shard = config.batch_size, (jax.process_index() * local_batch,
+                                             (jax.process_index() + 1) * local_batch), {}
+  then = None if test_res_start is None else (test_res_start * batch, config.test_res.pp)
+  return pipeline.train_iterator(
+      dataset, config.train_split, config.pp_train, batch, seed=config.seed,
+      start=start_step * batch if position is None else position, rows=rows, then=then,
+      shuffle_buffer=config.shuffle_buffer, cache=config.cache, subset=subset,
+      repeats=config.repeated_aug, **shard)
 
 
 def _num_classes(config, dataset) -> int:
@@ -330,7 +321,7 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluators):
       preempted = preemption.reached(step)
       if step % ckpt.every_steps == 0 or is_last or preempted:
         _check_finite(state, ckpt.latest_step())
-        ckpt.save(step, state)
+        ckpt.save(step, state, batches.position)
       if preempted:
         metrics.log(f"Preempted (SIGTERM): saved step {step}; rerun the same command to "
                     "resume.")
@@ -422,7 +413,8 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
       else:
         test_res_start = (setup.total_steps - config.test_res.steps if config.test_res.steps
                           else None)
-        batches = _train_batches(config, dataset, local_batch, start_step, subset, test_res_start)
+        batches = _train_batches(config, dataset, local_batch, start_step, subset, test_res_start,
+                                 ckpt.input_position)
         state, preempted = _train_loop(config, setup, state, batches, mesh, ckpt, writer,
                                        evaluators)
         if preempted:

@@ -46,11 +46,11 @@ def test_resumed_iterator_continues_exactly(digits):
   fresh = pipeline.train_iterator(digits, "train", PP_TRAIN, 16, seed=3, shuffle_buffer=100)
   expected = next(itertools.islice(fresh, 5, None))
   resumed = next(pipeline.train_iterator(digits, "train", PP_TRAIN, 16, seed=3,
-                                         shuffle_buffer=100, start_step=5))
+                                         shuffle_buffer=100, start=5 * 16))
   for key in expected:
     np.testing.assert_array_equal(resumed[key], expected[key])
   other_seed = next(pipeline.train_iterator(digits, "train", PP_TRAIN, 16, seed=4,
-                                            shuffle_buffer=100, start_step=5))
+                                            shuffle_buffer=100, start=5 * 16))
   assert not np.array_equal(other_seed["image"], expected["image"])
 
 

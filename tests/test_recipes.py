@@ -231,7 +231,7 @@ def digits(data_dir):
 
 def _batch(digits, pp, process_index, start_step=0):
   return next(pipeline.train_iterator(
-      digits, "train", pp, 12, seed=0, shuffle_buffer=100, repeats=3, start_step=start_step,
+      digits, "train", pp, 12, seed=0, shuffle_buffer=100, repeats=3, start=start_step * 12,
       process_index=process_index, process_count=2))
 
 

@@ -83,7 +83,7 @@ def folder(tmp_path_factory):
 
 def _stream(dataset, seed, batches=3):
   """(top, left, mirrored, image id) of each training example, in stream order: three epochs
-  of the 21 train images (mixed at the epoch boundaries by the shuffle buffer)."""
+  of the 21 train images, each a permutation of them (folders are read by position)."""
   n = sum(CLASSES.values())
   iterator = pipeline.train_iterator(dataset, "train", f"decode|random_crop({CROP})|flip_lr", n,
                                      seed=seed, shuffle_buffer=n)

@@ -37,6 +37,31 @@ class Dataset:
     """The example's label (class index, or class indices when multi-label)."""
     return self.derive_label(example) if self.derive_label else example[self.label_key]
 
+  def as_dataset(self, split: str, *, decoders=None, read_config=None) -> tf.data.Dataset:
+    """`builder.as_dataset`, also for data prepared as array_record (which TFDS reads only by
+    random access): then the examples in order, `tfds_id`s included."""
+    reader = None if isinstance(self.builder, folder.ImageFolder) else self.reader(split, decoders)
+    if reader is None:
+      return self.builder.as_dataset(split=split, decoders=decoders, read_config=read_config)
+    examples = tf.data.Dataset.range(reader.size).map(reader.read,
+                                                      num_parallel_calls=tf.data.AUTOTUNE)
+    if not (read_config and read_config.add_tfds_id):
+      examples = examples.map(lambda example: {k: v for k, v in example.items()
+                                                if k != "tfds_id"})
+    return examples
+
+  def reader(self, split: str, decoders=None) -> "Reader | None":
+    """Random access to the examples of `split` (image folders and TFDS data prepared as
+    array_record); None for TFDS data prepared as tfrecord (read only in sequence)."""
+    self.check_split(split)
+    if isinstance(self.builder, folder.ImageFolder):
+      size, read = self.builder.reader(split, decoders)
+      return Reader(size, read)
+    formats = self.builder.info.available_file_formats()
+    if tfds.core.FileFormat.ARRAY_RECORD not in formats:
+      return None
+    return _array_record_reader(self.builder, split, decoders)
+
   def num_examples(self, split: str) -> int:
     return self.builder.info.splits[split].num_examples
 
@@ -62,14 +87,14 @@ class Dataset:
         return labels
       examples = tf.data.Dataset.from_tensor_slices({"label": labels})  # All a folder knows.
     elif self.derive_label:
-      examples = self.builder.as_dataset(
-          split=split, decoders={"image": tfds.decode.SkipDecoding()},
+      examples = self.as_dataset(
+          split, decoders={"image": tfds.decode.SkipDecoding()},
           read_config=tfds.ReadConfig(try_autocache=False))
     if self.derive_label:
       batches = examples.map(self.derive_label, num_parallel_calls=tf.data.AUTOTUNE).batch(8192)
       return np.concatenate(list(batches.as_numpy_iterator()) or [np.zeros(0, np.int64)])
-    ds = self.builder.as_dataset(
-        split=split, decoders=tfds.decode.PartialDecoding({self.label_key: True}),
+    ds = self.as_dataset(
+        split, decoders=tfds.decode.PartialDecoding({self.label_key: True}),
         read_config=tfds.ReadConfig(try_autocache=False))
     batches = ds.batch(8192).as_numpy_iterator()
     return np.concatenate([b[self.label_key] for b in batches] or [np.zeros(0, np.int64)])
@@ -81,8 +106,8 @@ class Dataset:
     """
     height, width = self.builder.info.features["image"].shape[:2]
     if height is None or width is None:  # Variable-size images (folders, ImageNet).
-      example = next(iter(self.builder.as_dataset(
-          split=split, decoders={"image": tfds.decode.SkipDecoding()},
+      example = next(iter(self.as_dataset(
+          split, decoders={"image": tfds.decode.SkipDecoding()},
           read_config=tfds.ReadConfig(add_tfds_id=True))))
       try:
         height, width = tf.io.decode_image(example["image"], expand_animations=False).shape[:2]
@@ -90,6 +115,44 @@ class Dataset:
         raise UserError(f"Cannot decode image {example['tfds_id'].numpy().decode()}, the first "
                         f"of {split!r} (corrupt or not an image); replace or delete it.") from None
     return int(height) * int(width)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+  """Random access: `read(position)` (an int64 scalar tensor, 0 <= position < size) is the
+  example there, as `as_dataset` gives it, with its `tfds_id`; traceable inside tf.data."""
+  size: int
+  read: Callable[[tf.Tensor], dict]
+
+
+def _array_record_reader(builder: tfds.core.DatasetBuilder, split: str, decoders) -> Reader:
+  """Reads serialized examples through TFDS's array_record data source (one Python call per
+  example) and parses them with TensorFlow ops, as TFDS does for tfrecord files."""
+  source = builder.as_data_source(
+      split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES,
+      file_format=tfds.core.FileFormat.ARRAY_RECORD)
+  instructions = builder.info.splits[split].file_instructions
+  ends = np.cumsum([instruction.take for instruction in instructions])
+  names = [os.path.basename(instruction.filename) for instruction in instructions]
+  features = builder.info.features
+  if isinstance(decoders, tfds.decode.PartialDecoding):  # As builder.as_dataset does.
+    features, decoders = decoders.extract_features(features), decoders.decoders
+
+  def fetch(position):
+    position = int(position)
+    file = int(np.searchsorted(ends, position, side="right"))
+    index = instructions[file].skip + position - (ends[file - 1] if file else 0)
+    return source[position], f"{names[file]}__{index}".encode()  # TFDS's tfds_id format.
+
+  def read(position):
+    serialized, tfds_id = tf.numpy_function(fetch, [position], (tf.string, tf.string),
+                                            stateful=False)
+    serialized.set_shape([])
+    tfds_id.set_shape([])
+    example = features.deserialize_example(serialized, decoders=decoders)
+    return {**example, "tfds_id": tfds_id}
+
+  return Reader(len(source), read)
 
 
 def _not_found(name: str) -> UserError:
@@ -134,6 +197,8 @@ def get(name: str, data_dir: str | None = None, label: str = "") -> Dataset:
     raise UserError(f"Dataset {name!r}: {reason}; prepare that version with a matching "
                     "tensorflow-datasets release or name another version.") from None
   if name in EMBEDDED and not builder.is_prepared():
+    # As array_record: read by position, a resumed run reads no input to find its place.
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     _prepare_embedded(builder)
   elif not builder.is_prepared():
     manual = (" --manual_dir=DIR` (DIR holding the files its TFDS catalog page lists: it cannot "

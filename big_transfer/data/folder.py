@@ -6,6 +6,7 @@ with what our pipeline needs and it lacks: a layout check with a one-line error,
 """
 
 import os
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -85,20 +86,28 @@ class ImageFolder(tfds.folder_dataset.ImageFolder):
     examples = self._examples(split)
     return self._load([examples[i] for i in positions], False, decoders, read_config)
 
-  def _load(self, examples, shuffle_files, decoders, read_config) -> tf.data.Dataset:
+  def reader(self, split, decoders=None) -> tuple[int, Callable[[tf.Tensor], dict]]:
+    """(size, read): random access, read(position) is the example at that position of
+    `split` with its `tfds_id`; only that file is read."""
+    examples = self._examples(split)
+    paths, labels = self._columns(examples)
+    return len(examples), lambda i: self._load_one(paths[i], labels[i], decoders, True)
+
+  def _columns(self, examples) -> tuple[tf.Tensor, tf.Tensor]:
     str2int = self.info.features["label"].str2int
-    ds = tf.data.Dataset.from_tensor_slices({
-        "path": tf.constant([e.image_path for e in examples], tf.string),
-        "label": tf.constant([str2int(e.label) for e in examples], tf.int64)})
+    return (tf.constant([e.image_path for e in examples], tf.string),
+            tf.constant([str2int(e.label) for e in examples], tf.int64))
+
+  def _load_one(self, path, label, decoders, add_id: bool) -> dict:
+    encoded = {"image": tf.io.read_file(path), "label": label, "image/filename": path}
+    decoded = self.info.features.decode_example(encoded, decoders=decoders)
+    return {**decoded, "tfds_id": path} if add_id else decoded
+
+  def _load(self, examples, shuffle_files, decoders, read_config) -> tf.data.Dataset:
+    paths, labels = self._columns(examples)
+    ds = tf.data.Dataset.from_tensor_slices({"path": paths, "label": labels})
     if shuffle_files:
       ds = ds.shuffle(len(examples), seed=read_config and read_config.shuffle_seed)
     add_id = read_config is not None and read_config.add_tfds_id
-
-    def load(example):
-      path = example["path"]
-      encoded = {"image": tf.io.read_file(path), "label": example["label"],
-                 "image/filename": path}
-      decoded = self.info.features.decode_example(encoded, decoders=decoders)
-      return {**decoded, "tfds_id": path} if add_id else decoded
-
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(lambda e: self._load_one(e["path"], e["label"], decoders, add_id),
+                  num_parallel_calls=tf.data.AUTOTUNE)

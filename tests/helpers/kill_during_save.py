@@ -15,8 +15,8 @@ _KILL_AT = int(os.environ["BIT_KILL_DURING_SAVE"])
 _save = checkpoints.Manager.save
 
 
-def _save_then_die(self, step, state):
-  _save(self, step, state)
+def _save_then_die(self, step, state, *args):
+  _save(self, step, state, *args)
   if step == _KILL_AT:
     os.kill(os.getpid(), signal.SIGKILL)
 
