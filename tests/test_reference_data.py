@@ -99,6 +99,9 @@ def test_pipeline_augments_each_example_with_its_own_seed(folder):
     by_image.setdefault(placement[3], []).append(placement[:3])
   repeated = [p for p in by_image.values() if len(p) >= 2]
   assert len(repeated) >= 15 and sum(p[0] != p[1] for p in repeated) >= 0.8 * len(repeated)
+  epochs = [[p[3] for p in stream[e * 21:(e + 1) * 21]] for e in range(3)]
+  assert all(len(set(order)) == 21 for order in epochs)  # Each epoch a permutation ...
+  assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # ... drawn anew per epoch.
   assert _stream(folder, seed=0) == stream  # Reproducible ...
   other = _stream(folder, seed=1)  # ... and the seed decides: other draws at each position.
   assert sum(a[:3] != b[:3] for a, b in zip(stream, other)) >= 0.8 * len(stream)

@@ -4,6 +4,7 @@ from mutations import Mutation
 
 PRE = "big_transfer/data/preprocess.py"
 PIPE = "big_transfer/data/pipeline.py"
+TRAINER = "big_transfer/trainer.py"
 MIXUP = "big_transfer/data/mixup.py"
 REF = "tests/test_reference_data.py"
 CROP = f"{REF}::test_random_crop_offsets_vary_with_the_seed_and_repeat_for_a_fixed_one"
@@ -11,6 +12,8 @@ FLIP = f"{REF}::test_flip_is_random_per_draw_about_half_the_time"
 PER_EXAMPLE = f"{REF}::test_pipeline_augments_each_example_with_its_own_seed"
 FEW_SHOT = f"{REF}::test_few_shot_subset_is_stratified_seeded_and_random"
 T = "tests/test_data.py"
+RESUMED_TRAINER = ("tests/test_input_position.py::"
+                   "test_trainer_resumed_late_reads_its_steps_and_matches")
 STEP_MIXUP = ("tests/test_reference_step.py::"
               "test_mixup_step_equals_the_step_on_the_batch_mixed_by_hand")
 RANDOM_FLIP = "tf.image.stateless_random_flip_left_right(example[\"image\"], seed)"
@@ -39,16 +42,15 @@ MUTATIONS = [
     Mutation("augment_ignores_seed", PIPE, "tf.stack([tf.cast(seed, tf.int64), index])",
              "tf.stack([tf.constant(0, tf.int64), index])", (PER_EXAMPLE,),
              "augmentation does not depend on config.seed"),
-    Mutation("resume_skips_steps_not_examples", PIPE, "skip(start_step * local_batch)",
-             "skip(start_step)", (f"{T}::test_resumed_iterator_continues_exactly",),
-             "resumed input positioned at start_step examples, not batches"),
-    Mutation("shuffle_not_per_epoch", PIPE, "reshuffle_each_iteration=True",
-             "reshuffle_each_iteration=False",
-             (PER_EXAMPLE, f"{T}::test_resumed_iterator_continues_exactly"),
-             "the same shuffle order for every pass",
-             equivalent="shuffle() runs after repeat(): each iterator makes one endless pass, "
-             "never a second one to reshuffle; the flag only changes which seeded permutation "
-             "tf.data draws, and no test should pin one permutation"),
+    Mutation("resume_position_off_by_a_batch", TRAINER,
+             "start=start_step * batch if position is None else position, rows=rows",
+             "start=start_step * batch if position is None else position + batch, rows=rows",
+             (RESUMED_TRAINER,),
+             "a resume takes the saved input position for the last batch trained on and skips one"),
+    Mutation("epoch_permutation_not_per_epoch", PIPE,
+             "epoch_seed = tf.stack([tf.constant(seed, tf.int64), j // n])",
+             "epoch_seed = tf.stack([tf.constant(seed, tf.int64), tf.constant(0, tf.int64)])",
+             (PER_EXAMPLE,), "every epoch reads the examples in the same order"),
     Mutation("few_shot_not_stratified", PIPE, "candidates = np.flatnonzero(labels == label)",
              "candidates = np.arange(len(labels))", (FEW_SHOT,),
              "few-shot draws from the whole split, not per class"),

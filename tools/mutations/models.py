@@ -10,6 +10,13 @@ WS = f"{REF}::test_weight_standardization_matches_numpy_with_variance_near_eps"
 TIMM = "tests/test_checkpoints.py::test_logits_and_pre_logits_match_timm"
 BF16_PARITY = "tests/test_checkpoints.py::test_bfloat16_compute_stays_close_to_float32"
 
+UNIT_GN = "GroupNorm(dtype=self.dtype, for_cpu=self.for_cpu, name=\"group_norm\")"
+UNIT_PROJ = ("    if self.projection:\n"
+             "      shortcut = Projection(self.projection, self.projection_strides, "
+             "dtype=self.dtype,\n"
+             "                            avg_down=self.avg_down, for_cpu=self.for_cpu, "
+             "name=\"proj\")(x)")
+
 MUTATIONS = [
     Mutation("gn_eps", BIT, "GN_EPS = 1e-5", "GN_EPS = 1e-6", (GN, TIMM),
              "GroupNorm eps 1e-6 (flax's default) instead of 1e-5"),
@@ -51,32 +58,20 @@ MUTATIONS = [
     Mutation("root_conv_padding", BIT, "StdConv(self.features, 7, 2, padding=3,",
              "StdConv(self.features, 7, 2, padding=2,", (TIMM,),
              "root conv padding 2 (SAME-like) instead of symmetric 3"),
-    Mutation("preact_without_relu", BIT,
-             "x = nn.relu(GroupNorm(dtype=self.dtype, name=\"group_norm\")(x))\n"
-             "    shortcut = None",
-             "x = GroupNorm(dtype=self.dtype, name=\"group_norm\")(x)\n    shortcut = None",
-             (TIMM,), "no ReLU after a unit's GroupNorm"),
+    Mutation("preact_without_relu", BIT, f"x = nn.relu({UNIT_GN}(x))\n    shortcut = None",
+             f"x = {UNIT_GN}(x)\n    shortcut = None", (TIMM,),
+             "no ReLU after a unit's GroupNorm"),
     Mutation("projection_of_raw_input", BIT,
-             "x = nn.relu(GroupNorm(dtype=self.dtype, name=\"group_norm\")(x))\n"
-             "    shortcut = None\n"
-             "    if self.projection:\n"
-             "      shortcut = Projection(self.projection, self.projection_strides, "
-             "dtype=self.dtype,\n"
-             "                            name=\"proj\")(x)",
-             "a = nn.relu(GroupNorm(dtype=self.dtype, name=\"group_norm\")(x))\n"
-             "    shortcut = None\n"
-             "    if self.projection:\n"
-             "      shortcut = Projection(self.projection, self.projection_strides, "
-             "dtype=self.dtype,\n"
-             "                            name=\"proj\")(x)\n"
-             "    x = a",
+             f"x = nn.relu({UNIT_GN}(x))\n    shortcut = None\n{UNIT_PROJ}",
+             f"a = nn.relu({UNIT_GN}(x))\n    shortcut = None\n{UNIT_PROJ}\n    x = a",
              (TIMM,), "shortcut projection of the unit's input instead of relu(GN(input))"),
     Mutation("stride_on_first_conv", BIT,
-             "projection_strides=self.strides, dtype=self.dtype, name=\"a\")(x)\n"
-             "    y, _ = PreActConv(self.mid, 3, self.strides, dtype=self.dtype, name=\"b\")(y)",
-             "projection_strides=self.strides, strides=self.strides, dtype=self.dtype,\n"
-             "                             name=\"a\")(x)\n"
-             "    y, _ = PreActConv(self.mid, 3, 1, dtype=self.dtype, name=\"b\")(y)",
+             "projection_strides=self.strides, avg_down=self.avg_down,\n"
+             "                             name=\"a\", **options)(x)\n"
+             "    y, _ = PreActConv(self.mid, 3, self.strides, name=\"b\", **options)(y)",
+             "projection_strides=self.strides, avg_down=self.avg_down,\n"
+             "                             strides=self.strides, name=\"a\", **options)(x)\n"
+             "    y, _ = PreActConv(self.mid, 3, 1, name=\"b\", **options)(y)",
              (TIMM,), "stride on the 1x1 conv instead of the 3x3 (ResNet v1 style)"),
     Mutation("head_not_zero_init", BIT,
              "kernel_init = nn.initializers.zeros if self.zero_init else",

@@ -28,7 +28,10 @@ MUTATIONS = [
              "if self._read() == self._record:\n          self._path.unlink()",
              "if self._read() == self._record:\n          pass", (LIVE,),
              "a finished run leaves its lock behind"),
-    Mutation("heartbeat_not_renamed", WORKDIRS, "        fresh.replace(self._path)\n", "",
+    Mutation("heartbeat_not_renamed", WORKDIRS,
+             "files.write_atomic(self._path, json.dumps(record))",
+             "files.write_atomic(self._path.with_name(self._path.name + \".new\"), "
+             "json.dumps(record))",
              (f"{T}::test_the_heartbeat_is_refreshed",),
              "the heartbeat is written aside but never replaces the lock"),
     Mutation("batch_size_change_resumes", WORKDIRS,
@@ -36,8 +39,9 @@ MUTATIONS = [
              "of the old batch\",\n", "", (RESUME, RUN_RESUME),
              "a resume with another batch_size is accepted"),
     Mutation("unfinished_checkpoints_count", WORKDIRS,
-             "for p in directory.iterdir() if p.name.isdigit())",
-             "for p in directory.iterdir() if p.name[0].isdigit())", (RESUME,),
+             "return sorted(ocp.utils.checkpoint_steps(directory))",
+             "return sorted(int(p.name.split(\".\")[0]) for p in directory.iterdir()\n"
+             "                if p.name[0].isdigit())", (RESUME,),
              "a checkpoint orbax is still writing counts as finalized"),
     Mutation("resume_check_without_checkpoints", WORKDIRS,
              "if not finalized_steps(workdir) or not path.exists():", "if not path.exists():",
