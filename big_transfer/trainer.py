@@ -23,8 +23,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import (checkpoints, evaluate, losses, metrics, models, optim, results,
-                          sharding, transfer, validate, workdirs)
+from big_transfer import (checkpoints, evaluate, losses, metrics, models, objectives, optim,
+                          results, sharding, transfer, validate, workdirs)
 from big_transfer.data import mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
 
@@ -36,10 +36,15 @@ def _all_gather(x, spec):
   return jax.lax.all_gather(x, sharding.DATA, axis=spec.index(sharding.DATA), tiled=True)
 
 
-def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
+def make_train_step(objective, tx, schedule, mesh, batch_split: int = 1,
                     mixup_alpha: float = 0.0, seed: int = 0,
-                    state_sharding: str = "replicated", param_shardings=None):
+                    state_sharding: str = "replicated", param_shardings=None,
+                    extra_keys: tuple[str, ...] = ()):
   """The update step (state, batch) -> (state, metrics), to be jitted with donation.
+
+  `objective.loss` (big_transfer/objectives.py) is what is minimised; the state entries
+  `extra_keys` are the objective's own (MoCo's key encoder and queue), passed to it and
+  replaced by what it returns.
 
   MixUp (alpha > 0) draws from fold_in(key(seed), step): no RNG state to checkpoint, and a
   resumed run mixes exactly as an uninterrupted one.
@@ -60,15 +65,17 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
   step in `state["bad_step"]`, so the state (and every checkpoint of it) stays finite.
   """
 
-  def loss_and_grads(params, images, labels, gather=lambda p: p):
-    loss = lambda p: jnp.mean(loss_fn(apply_fn(gather(p), images), labels))
-    return jax.value_and_grad(loss)(params)
+  def loss_and_grads(params, extra, batch, gather=lambda p: p):
+    """((loss, the objective's new extra state), grads)."""
+    loss = lambda p: objective.loss(gather(p), extra, batch)
+    return jax.value_and_grad(loss, has_aux=True)(params)
 
   def mean_over_micro_batches(params, micro, gather=lambda p: p):
-    """The mean (loss, grads) over micro-batches stacked on the leading axis."""
+    """The mean (loss, grads) over micro-batches stacked on the leading axis (objectives
+    without extra state: objectives.py refuses batch_split for the others)."""
     def add(total, mb):
-      grads = loss_and_grads(params, mb["image"], mb["labels"], gather)
-      return jax.tree.map(jnp.add, total, grads), None
+      (loss, _), grads = loss_and_grads(params, {}, mb, gather)
+      return jax.tree.map(jnp.add, total, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), _ = jax.lax.scan(add, zeros, micro)
@@ -99,10 +106,11 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
 
   def step(state, batch):
     params = state["params"]
+    extra = {key: state[key] for key in extra_keys}
     batch = mixup.mixup(jax.random.fold_in(jax.random.key(seed), state["step"]), batch,
                         mixup_alpha)
     if batch_split == 1 and state_sharding != "fsdp":
-      loss, grads = loss_and_grads(params, batch["image"], batch["labels"])
+      (loss, extra), grads = loss_and_grads(params, extra, batch)
     else:
       # Micro-batch j takes rows j, j+k, ...: each device keeps its own rows, no transfers.
       micro = jax.tree.map(
@@ -120,6 +128,7 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
         "opt_state": jax.tree.map(keep_new, opt_state, state["opt_state"]),
         "bad_step": jnp.where(finite | (state["bad_step"] >= 0), state["bad_step"],
                               state["step"]),
+        **{key: jax.tree.map(keep_new, extra[key], state[key]) for key in extra_keys},
     }
     return new_state, {"loss": loss, "lr": schedule(state["step"]), "grad_norm": grad_norm}
 
@@ -130,6 +139,7 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
 class Setup:
   """Everything about a run that does not need data."""
   model: Any
+  objective: objectives.Objective
   apply_fn: Callable
   loss_fn: Callable
   schedule: optax.Schedule
@@ -148,8 +158,10 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
                     f"{config.batch_size // mesh.size}.")
   durations = optim.Durations(num_train_examples, config.batch_size)
   total_steps = durations(config, "total")
+  # A self-supervised objective trains the backbone without the classifier head.
   model = models.get_model(
-      config.model.name, num_classes, dtype=jnp.dtype(config.model.dtype),
+      config.model.name, num_classes if config.objective == "supervised" else 0,
+      dtype=jnp.dtype(config.model.dtype),
       head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init)
   schedule = optim.make_schedule(config, durations, total_steps)
   # ---- Transfer: the test-resolution phase, test_res.steps more at constant test_res.lr ----
@@ -162,27 +174,33 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
     total_steps += test_res.steps
   tx = optim.make_optimizer(config, schedule)
   loss_fn = losses.get(config.loss)
-  apply_fn = lambda params, images: model.apply({"params": params}, images)
+  objective = objectives.get(config, model, loss_fn, mesh)
 
-  def init_state(rng):
+  def init_state(rng, loaded=None):
+    """The state at step 0; `loaded` (config.init's params) replaces the fresh parameters it
+    names (SGD's momentum starts at zero whatever the params) before the objective's extra
+    state is derived from them."""
     # Parameter shapes do not depend on the resolution (global pooling before the head).
-    params = model.init(rng, jnp.zeros((1, 32, 32, 3), jnp.float32))["params"]
+    params = objective.init_params(rng, jnp.zeros((1, 32, 32, 3), jnp.float32))
+    params = {**params, **(loaded or {})}
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "bad_step": jnp.full((), -1, jnp.int32)}
+            "bad_step": jnp.full((), -1, jnp.int32),
+            **objective.init_extra(params, jax.random.fold_in(rng, 1))}
 
   shapes = jax.eval_shape(init_state, jax.random.key(0))
   shardings = sharding.state_shardings(shapes, mesh, config.state_sharding)
   shardings["step"] = shardings["bad_step"] = sharding.replicated(mesh)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  step = make_train_step(apply_fn, tx, loss_fn, schedule, mesh, config.batch_split,
+  extra_keys = tuple(sorted(set(shapes) - {"step", "params", "opt_state", "bad_step"}))
+  step = make_train_step(objective, tx, schedule, mesh, config.batch_split,
                          config.mixup_alpha, config.seed, config.state_sharding,
-                         shardings["params"])
+                         shardings["params"], extra_keys)
   train_step = jax.jit(
       step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return Setup(model, apply_fn, loss_fn, schedule, total_steps, shardings, abstract_state,
-               jax.jit(init_state, out_shardings=shardings), train_step)
+  return Setup(model, objective, objective.apply_fn, loss_fn, schedule, total_steps, shardings,
+               abstract_state, jax.jit(init_state, out_shardings=shardings), train_step)
 
 
 class _Preemption(contextlib.AbstractContextManager):
@@ -266,6 +284,23 @@ def _num_classes(config, dataset) -> int:
   return dataset.num_classes
 
 
+def _linear_probe(config, dataset, setup, local_batch: int, mesh):
+  """(params, eval batches) -> the metrics of a ridge probe on the pre-logits, fitted to
+  `probe_shots` random training examples per class (self-supervised objectives)."""
+  subset = pipeline.few_shot_subset(dataset, config.train_split, config.probe_shots, config.seed)
+  step = evaluate.make_features_step(setup.objective.features_fn)
+
+  def probe(params, eval_batches):
+    train_batches = pipeline.eval_iterator(
+        dataset, config.train_split, config.pp_eval, local_batch, subset=subset,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    train = evaluate.features(step, params, train_batches, mesh)
+    test = evaluate.features(step, params, eval_batches, mesh)
+    return evaluate.ridge_probe(*train, *test, dataset.num_classes)
+
+  return probe
+
+
 def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
   """Steps from the state's step to the end; returns (state, preempted)."""
   start_step = int(jax.device_get(state["step"]))
@@ -332,11 +367,9 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
       state = ckpt.restore(setup.abstract_state)
       if state is None:
         # ---- Transfer: config.init's backbone, the head as config.init_head says ----
-        params = (transfer.init_params(config, num_classes, setup.state_shardings["params"])
-                  if config.init else None)
-        state = setup.init(jax.random.key(config.seed))
-        if params is not None:  # SGD's momentum starts at zero whatever the params.
-          state["params"] = params
+        params = (transfer.init_params(config, setup.model.num_classes,
+                                       setup.state_shardings["params"]) if config.init else None)
+        state = setup.init(jax.random.key(config.seed), params)
         workdirs.record_config(config, dataset.class_names(), workdir)
       start_step = int(jax.device_get(state["step"]))
       num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
@@ -346,13 +379,18 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
                   f"{dataset.num_classes} classes; batch {config.batch_size} over "
                   f"{jax.device_count()} devices ({jax.process_count()} processes); "
                   f"{setup.total_steps} steps.")
-      eval_step = evaluate.make_classification_step(setup.apply_fn, setup.loss_fn)
+      if setup.objective.evaluator == "linear_probe":
+        evaluate_fn = _linear_probe(config, dataset, setup, local_eval_batch, mesh)
+      else:
+        eval_step = evaluate.make_classification_step(setup.apply_fn, setup.loss_fn)
+        evaluate_fn = lambda params, batches: evaluate.classification(eval_step, params, batches,
+                                                                      mesh)
 
       def run_eval(step, params):
         batches = pipeline.eval_iterator(
             dataset, config.eval_split, config.pp_eval, local_eval_batch,
             process_index=jax.process_index(), process_count=jax.process_count())
-        result = evaluate.classification(eval_step, params, batches, mesh)
+        result = evaluate_fn(params, batches)
         writer.write(step, {f"eval/{k}": v for k, v in result.items()})
         metrics.log(f"step {step}: eval {config.eval_split} accuracy "
                     f"{100 * result['accuracy']:.2f}% (top-5 {100 * result['top5']:.2f}%) over "

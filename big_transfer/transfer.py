@@ -118,9 +118,10 @@ def init_params(config: ml_collections.ConfigDict, num_classes: int, shardings):
                     f"{config.model.name} checkpoint.")
   head = params.get("head", {}).get("conv2d", {})
   zero = not any(np.any(x) for x in head.values())
-  metrics.log(f"Initialised from {config.init}: {name} backbone loaded, "
-              f"{'a zero' if zero else 'the checkpoint' + chr(39) + 's'} {num_classes}-class "
-              f"head (init_head={config.init_head}).")
+  head = (f"{'a zero' if zero else 'the checkpoint' + chr(39) + 's'} {num_classes}-class head "
+          f"(init_head={config.init_head})" if num_classes else "no head")
+  metrics.log(f"Initialised from {config.init}: {name} backbone loaded, {head}.")
+  # `shardings` may name more (a self-supervised objective's projection, initialised fresh).
   return jax.tree.map(
       lambda x, sharding: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i]),
-      params, shardings)
+      params, {k: shardings[k] for k in params})
