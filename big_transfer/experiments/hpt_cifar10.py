@@ -8,7 +8,7 @@ supervised on classes 0-4 (configs/demo.py's recipe at 16 px, 600 steps); then M
 (configs/hpt.py:cpu, `--steps` steps) on the images of classes 5-9, labels unused: HPT from
 the base, HPT norm-only from the base, and from scratch. Each row is a ridge probe on frozen
 pre-logits (evaluate.ridge_probe) fitted to 100 train images per target class and measured on
-the 1,000 target test images. Reruns resume or skip finished runs. Writes DIR/summary.json.
+the 1,000 target test images. Reruns resume unfinished runs and skip finished ones. Writes DIR/summary.json.
 """
 
 import json
@@ -69,13 +69,20 @@ def probe(workdir: str, target: str) -> float:
   return evaluate.ridge_probe(*train, *test, dataset.num_classes)["accuracy"]
 
 
+def _train(config, workdir: str) -> None:
+  """Trains unless finished: rerunning a finished run would rewrite its results.json with the
+  rerun's wall time."""
+  if not os.path.exists(os.path.join(workdir, results.RESULTS_FILE)):
+    trainer.run(config, workdir)
+
+
 def main(argv):
   del argv
   root = WORKDIR.value
   source, target = build_folders(DATA_ROOT.value, os.path.join(root, "data"))
   runs = os.path.join(root, "runs")
   base = os.path.join(runs, "base")
-  trainer.run(base_config(source), base)
+  _train(base_config(source), base)
   rows = [("base (supervised, classes 0-4)", base)]
   for name, overrides in (("hpt", {"init": base}),
                           ("hpt_norm_only", {"init": base, "trainable": "norm_only"}),
@@ -83,7 +90,7 @@ def main(argv):
     config = config_common.with_overrides(hpt.get_config("cpu"), {
         "dataset": f"folder:{target}", "total_steps": STEPS.value, "probe_shots": PROBE_SHOTS,
         **overrides})
-    trainer.run(config, os.path.join(runs, name))
+    _train(config, os.path.join(runs, name))
     rows.append((name, os.path.join(runs, name)))
   summary = []
   for name, workdir in rows:
