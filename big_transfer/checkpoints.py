@@ -18,8 +18,6 @@ GroupNorm `gamma`/`beta` 1-D, head kernel (1, 1, C, N), all float32.
 import contextlib
 import os
 import re
-import shutil
-import tempfile
 import zipfile
 import zlib
 
@@ -28,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from big_transfer import metrics, models
+from big_transfer import files, metrics, models
 from big_transfer.errors import TrainingError, UserError
 from big_transfer.models import bit
 
@@ -40,13 +39,13 @@ class Manager:
 
   def __init__(self, workdir: str, every_steps: int, keep: int):
     self.every_steps = every_steps
-    self._workdir = os.path.abspath(workdir)
+    self._workdir = files.path(workdir)
     self._manager = self._open(keep)
     self._keep = keep
 
   def _open(self, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        os.path.join(self._workdir, "checkpoints"),
+        self._workdir / "checkpoints",
         item_handlers=ocp.StandardCheckpointHandler(),  # Reads metadata before any restore.
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=True))
@@ -102,13 +101,12 @@ class Manager:
 
   def _quarantine(self, step: int, error: Exception) -> None:
     """Moves an unreadable checkpoint aside (so training can write that step again)."""
-    target = os.path.join(self._workdir, "corrupt_checkpoints", str(step))
+    target = self._workdir / "corrupt_checkpoints" / str(step)
     metrics.log(f"WARNING: checkpoint at step {step} does not restore "
                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); moved to "
                 f"{target}, trying the previous one.")
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(os.path.join(self._workdir, "checkpoints", str(step)), target)
+      files.move_folder(self._workdir / "checkpoints" / str(step), target)
     multihost_utils.sync_global_devices("bit_quarantine_checkpoint")
     self._manager.close()
     self._manager = self._open(self._keep)
@@ -138,8 +136,8 @@ class Manager:
         reason = e.strerror
       else:
         reason = os.strerror(int(code[1])) if code else " ".join(str(e).split())[:200]
-      directory = os.path.join(self._workdir, "checkpoints")
-      kept = [int(n) for n in os.listdir(directory) if n.isdigit()]
+      directory = self._workdir / "checkpoints"
+      kept = ocp.utils.checkpoint_steps(directory)
       intact = (f"the newest complete checkpoint, step {max(kept)}, is intact" if kept
                 else "no complete checkpoint was written")
       raise TrainingError(f"Saving a checkpoint to {directory} failed ({reason}); {intact}. "
@@ -246,7 +244,7 @@ def load_params(path: str, num_classes: int | None = None, *,
   `num_classes` and `head` as in `load_bit_npz`. This is what `config.init` and the tools
   that take "a checkpoint" accept.
   """
-  if epath.Path(path).is_dir():
+  if files.path(path).is_dir():
     flat, source = _workdir_params(path), f"{path} (workdir)"
   else:
     flat, source = _official_to_flat(_read_npz(path), path), path
@@ -259,10 +257,8 @@ def load_params(path: str, num_classes: int | None = None, *,
 
 def _workdir_params(workdir: str) -> dict[str, np.ndarray]:
   """The newest checkpoint's params of a run's workdir, flat with the official head shape."""
-  directory = epath.Path(workdir) / "checkpoints"
-  # Finished checkpoints are folders named by their step (orbax writes into temporary names).
-  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()
-           ] if directory.is_dir() else []
+  directory = files.path(workdir) / "checkpoints"
+  steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
   if not steps:
     raise UserError(f"{workdir} holds no checkpoint (expected {directory}/<step>/); pass a "
                     "run's workdir or a BiT .npz file.")
@@ -293,8 +289,8 @@ def _restore_params(path: epath.Path):
 
 def _flatten(params) -> dict[str, np.ndarray]:
   """{"a": {"b": x}} -> {"a/b": float32 numpy x}."""
-  return {"/".join(str(k.key) for k in key_path): np.asarray(jax.device_get(leaf), np.float32)
-          for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {k: np.asarray(jax.device_get(v), np.float32)
+          for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 def save_bit_npz(params, path: str) -> None:
@@ -308,36 +304,22 @@ def save_bit_npz(params, path: str) -> None:
     flat[HEAD_KERNEL] = flat[HEAD_KERNEL][None, None]
   layers, width = _architecture(flat, "params")
   _check_layout(flat, layers, width, _head_classes(flat, "params"), "params")
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    os.fchmod(fd, 0o644)  # Readable like any saved file, not mkstemp's private 0600.
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **{PREFIX + k: flat[k] for k in sorted(flat)})
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-  dir_fd = os.open(directory, os.O_RDONLY)  # Make the rename itself durable.
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
+  with files.atomic_writer(path, "wb") as f:
+    np.savez(f, **{PREFIX + k: flat[k] for k in sorted(flat)})
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
   """Every array of the file, read eagerly so that corruption anywhere surfaces here."""
-  if not os.path.isfile(path):
+  if not files.path(path).is_file():
     raise UserError(f"Checkpoint {path} does not exist; check the path (released files are "
                     "BiT-{S,M}-R*.npz from the public bit_models bucket).")
   try:
-    archive = np.load(path, allow_pickle=False)
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-      raise ValueError("a single .npy array, not an .npz archive")
-    with archive:
-      return {k: archive[k] for k in archive.files}
+    with files.path(path).open("rb") as f:
+      archive = np.load(f, allow_pickle=False)
+      if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array, not an .npz archive")
+      with archive:
+        return {k: archive[k] for k in archive.files}
   except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
     reason = " ".join(str(e).split()) or type(e).__name__
     raise UserError(f"Cannot read {path} as a BiT .npz checkpoint ({reason}); the file is "
@@ -414,16 +396,9 @@ def _check_layout(flat: dict, layers, width: int, num_classes: int, source: str)
 
 def _unflatten(flat: dict) -> dict:
   """{"a/b/c": x} -> {"a": {"b": {"c": x}}}, with the head kernel as flax's (C, N)."""
-  tree = {}
-  for name, value in flat.items():
-    if name == HEAD_KERNEL and value.ndim == 4:
-      value = value.reshape(value.shape[2:])
-    *scopes, leaf = name.split("/")
-    node = tree
-    for scope in scopes:
-      node = node.setdefault(scope, {})
-    node[leaf] = value
-  return tree
+  if HEAD_KERNEL in flat and flat[HEAD_KERNEL].ndim == 4:
+    flat = {**flat, HEAD_KERNEL: flat[HEAD_KERNEL].reshape(flat[HEAD_KERNEL].shape[2:])}
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _model_name(layers, width: int) -> str:

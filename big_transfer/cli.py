@@ -11,6 +11,7 @@ import sys
 import traceback
 
 from absl import flags
+from flax import traverse_util
 from ml_collections import config_dict, config_flags
 
 from big_transfer.errors import UserError
@@ -19,16 +20,6 @@ CONFIG = config_flags.DEFINE_config_file(
     "config", None,
     "Config file, `configs/NAME.py[:arg]`; override fields with --config.key=value.",
     lock_config=True)
-
-
-def _flat_keys(config, prefix: str = "") -> list[str]:
-  keys = []
-  for key, value in config.items():
-    if isinstance(value, config_dict.ConfigDict):
-      keys += _flat_keys(value, f"{prefix}{key}.")
-    else:
-      keys.append(prefix + key)
-  return keys
 
 
 def _load(spec: str):
@@ -49,7 +40,7 @@ def _override_error(argv: list[str], error: Exception) -> str:
   if not os.path.exists(path):
     return f"Config file {path!r} not found."
   try:
-    keys = _flat_keys(_load(spec))
+    keys = list(traverse_util.flatten_dict(_load(spec).to_dict(), sep="."))
   except UserError as e:  # get_config refused its argument (e.g. an unknown task).
     return f"{spec}: {e}"
   except Exception as e:  # pylint: disable=broad-except  (any error of the user's file)

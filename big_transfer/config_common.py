@@ -27,6 +27,13 @@ def base() -> ml_collections.ConfigDict:
   config.cache = False
   config.input_sharding = "process"  # Or "global": batches independent of the process count.
   config.mixup_alpha = 0.0  # One lambda ~ Beta(a, a) per batch (HyperRule: 0.1 from 20k images).
+  # CutMix, one box per batch; with MixUp also on, CutMix is used on a batch with probability
+  # cutmix_switch_prob, else MixUp (ResNet strikes back: alpha 1.0, switch 0.5).
+  config.cutmix_alpha = 0.0
+  config.cutmix_switch_prob = 0.5
+  # Repeated augmentation (Hoffer et al. 2020): each example read comes `repeated_aug` times in a
+  # row, each copy augmented with its own draws; epochs count the copies (as timm's sampler).
+  config.repeated_aug = 1
   config.shots = config_dict.placeholder(int)  # Train on this many examples per class (seed).
 
   # Model (big_transfer.models.get_model).
@@ -35,6 +42,10 @@ def base() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # Compute dtype; parameters stay float32.
   config.model.head_zero_init = True
   config.model.head_bias_init = 0.0
+  # Training-recipe options (big_transfer/models/bit.py), off for the released architecture.
+  config.model.residual_gain = False  # Zero-initialised residual gains (Bag of Tricks §3.1).
+  config.model.drop_path_rate = 0.0  # Stochastic depth at the last unit, 0 at the first.
+  config.model.avg_down = False  # ResNet-D average-pool shortcuts (Bag of Tricks §4.2).
   # Start from a checkpoint: a BiT .npz or a run's workdir (its newest checkpoint's params).
   # Its model must be config.model.name's. `init_head`: "reset" a zero head of the task's
   # classes (transfer), "keep" the file's head, "auto" keep it when the class counts match.
@@ -58,7 +69,15 @@ def base() -> ml_collections.ConfigDict:
   config.trainable = "all"
 
   # Optimization. Durations: <name>_steps, _examples or _epochs (the first one set wins).
-  config.loss = "softmax_xent"
+  config.loss = "softmax_xent"  # Or sigmoid_xent, bce (mean over classes), distill_kl.
+  config.label_smoothing = 0.0  # Targets (1 - eps) y + eps / classes.
+  # Knowledge distillation (loss distill_kl): the frozen teacher sees the student's images
+  # (the same crop and mix) and its logits are the targets. `teacher`: a BiT .npz or a run's
+  # workdir whose model is `model` (a released architecture) with the task's classes.
+  config.distill = ml_collections.ConfigDict()
+  config.distill.teacher = ""
+  config.distill.model = ""
+  config.distill.temperature = 1.0
   config.batch_size = 4096  # Global, over all devices of all processes.
   config.eval_batch_size = config_dict.placeholder(int)  # Global; unset: batch_size.
   config.batch_split = 1  # Gradient accumulation over this many micro-batches.
@@ -68,8 +87,10 @@ def base() -> ml_collections.ConfigDict:
   config.total_epochs = config_dict.placeholder(float)
   config.lr = 0.03
   config.lr_batch_ref = 256  # lr is per this many examples; 0 = no batch scaling.
-  config.momentum = 0.9
-  config.wd = 1e-4  # Coupled L2 (grad += wd * param), as in the paper's TF code.
+  config.optimizer = "sgd"  # Or "lamb" (ResNet strikes back), see optim.make_optimizer.
+  config.momentum = 0.9  # SGD only.
+  # sgd: coupled L2 (grad += wd * param), as in the paper's TF code; lamb: decoupled.
+  config.wd = 1e-4
   config.wd_mask = r".*/kernel"
   config.grad_clip_norm = config_dict.placeholder(float)
   config.schedule = ml_collections.ConfigDict()
@@ -87,17 +108,34 @@ def base() -> ml_collections.ConfigDict:
   config.test_res.lr = config_dict.placeholder(float)
   config.test_res.pp = config_dict.placeholder(str)
 
+  # Few-shot linear evaluation of the pre-logits during training (big_transfer/fewshot_eval.py,
+  # big_vision's defaults), logged as fewshot/<dataset>_<k>shot; off while `dataset` is "".
+  config.fewshot = ml_collections.ConfigDict()
+  config.fewshot.dataset = ""  # TFDS name (in data_dir) or folder:ROOT.
+  config.fewshot.train_split = "train"  # The shots are picked from it.
+  config.fewshot.test_split = "test"
+  config.fewshot.pp = ""  # "": pp_eval.
+  config.fewshot.shots = (1, 5, 10, 25)
+  config.fewshot.seeds = 3
+  config.fewshot.l2_reg = 2.0 ** 10
+  config.fewshot.every_steps = 0  # 0: only at the end.
+  config.fewshot.batch_size = config_dict.placeholder(int)  # Global; unset: eval batch size.
+
   # Bookkeeping.
   config.log_every_steps = 50
   config.eval_every_steps = 1000  # 0: only at the end.
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
+  # TensorBoard events in the workdir. Written through TensorFlow's own file system, which
+  # reaches Cloud Storage but no emulator nor other store (docs/cloud_storage.md): turn off to
+  # run on such a workdir with metrics.jsonl alone.
+  config.tensorboard = True
   return config
 
 
 def upstream(model: str, *, dataset: str, num_classes: int, loss: str, total_epochs: float,
              decay_epochs: tuple[float, ...]) -> ml_collections.ConfigDict:
-  """The BiT upstream recipe (paper §3.3, ../shared/REFERENCE.md §3): SGD momentum 0.9,
+  """The BiT upstream recipe (paper arXiv 1912.11370 §3.3): SGD momentum 0.9,
   lr 0.03 x batch/256, batch 4096, 5000 warmup steps, /10 stair decays, wd 1e-4,
   inception crop 224 + random flip, pixels in [-1, 1]."""
   config = base()

@@ -5,8 +5,8 @@
 Reads the newest checkpoint of the workdir (only its parameters; any device count or sharding
 it was saved with) and writes them in the layout of the released `BiT-{S,M}-R*.npz` files, so
 timm (`timm.models.resnetv2._load_weights`), the official google-research/big_transfer code and
-this project read them. The file is written through a temporary file and a rename; an existing
-`--out` is kept unless `--overwrite` is given.
+this project read them. The file is written whole or not at all (locally a temporary file and a
+rename, on Cloud Storage one upload); an existing `--out` is kept unless `--overwrite` is given.
 
 The way back needs no converter: every tool that takes a checkpoint reads the `.npz` itself
 (`checkpoints.load_params`): fine-tune from it with `--config.init=F.npz`, predict with
@@ -15,12 +15,11 @@ The way back needs no converter: every tool that takes a checkpoint reads the `.
 into one could only start a new run, which is what `config.init` does.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
 
-from big_transfer import checkpoints, errors
+from big_transfer import checkpoints, errors, files
 
 WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (its newest checkpoint).",
                               allow_override=True)  # train.py defines it too (tests import both).
@@ -31,10 +30,12 @@ OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 
 def export(workdir: str, out: str, *, overwrite: bool = False) -> str:
   """Writes the workdir's newest parameters to `out`; returns the model's description."""
-  if os.path.exists(out) and not overwrite:
+  target = files.path(out)
+  if target.exists() and not overwrite:
     raise errors.UserError(f"{out} exists; pass --overwrite to replace it or choose another "
                            "--out.")
-  if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+  files.check_bucket(target)
+  if not files.is_remote(target) and not target.parent.is_dir():  # A bucket has no folders.
     raise errors.UserError(f"The folder of {out} does not exist; create it first.")
   model_name, params = checkpoints.load_params(workdir)
   checkpoints.save_bit_npz(params, out)

@@ -3,7 +3,8 @@ parameters (checkpointed with them, so a resumed run continues exactly).
 
 `get(config, model, loss_fn, mesh)` by `config.objective`:
 
-- "supervised": the classifier's loss on the labels (BiT upstream and transfer).
+- "supervised": the classifier's training loss on the labels (BiT upstream and transfer; the
+  trainer puts a distillation teacher's logits in the labels, and MixUp/CutMix mix both).
 - "moco": MoCo-v2 (He et al. 2019, arXiv 1911.05722; Chen et al. 2020, arXiv 2003.04297), the
   self-supervised objective of hierarchical pretraining (HPT, Reed et al. 2021, arXiv
   2103.12718). The batch holds two augmented views of each image (preprocessing op `views(2)`);
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
-from big_transfer import sharding
+from big_transfer import losses, sharding
 from big_transfer.errors import UserError
 
 OBJECTIVES = ("supervised", "moco")
@@ -38,35 +39,41 @@ PROJECTION = "projection"
 class Objective:
   """An objective as the trainer uses it.
 
-  `loss(params, extra, batch) -> (mean loss, new extra)` is differentiated with respect to
-  `params` only; `extra` is the objective's own part of the train state (the entries
-  `init_extra(params, rng)` returns, {} when it has none).
+  `loss(params, extra, batch, rng) -> (mean loss, new extra)` is differentiated with respect
+  to `params` only; `extra` is the objective's own part of the train state (the entries
+  `init_extra(params, rng)` returns, {} when it has none); `rng` is the model's stream
+  (stochastic depth).
   """
   name: str
   init_params: Callable  # (rng, images) -> params.
-  apply_fn: Callable  # (params, images) -> logits (supervised) or embeddings (moco).
+  # (params, images, rng=None) -> logits (supervised) or embeddings (moco); with an rng
+  # (training) stochastic depth is on where configured.
+  apply_fn: Callable
   features_fn: Callable  # (params, images) -> pre-logits, for linear probes.
   init_extra: Callable  # (params, rng) -> {state key: pytree}.
-  loss: Callable  # (params, extra, batch) -> (loss, extra).
+  loss: Callable  # (params, extra, batch, rng) -> (loss, extra).
   evaluator: str  # "classification" or "linear_probe": what the trainer evaluates.
 
 
 def get(config: ml_collections.ConfigDict, model: nn.Module, loss_fn: Callable,
         mesh) -> Objective:
   """`config.objective` for `model` (a BiT ResNetV2: with a head for "supervised", without
-  for "moco")."""
+  for "moco"); `loss_fn(logits, targets)` is the supervised training loss (losses.get)."""
   if config.objective == "supervised":
-    return supervised(model, loss_fn)
+    return supervised(model, loss_fn, drop_path=bool(config.model.drop_path_rate))
   if config.objective == "moco":
     return moco(config, model, mesh)
   raise UserError(f"Unknown objective {config.objective!r}; valid: {', '.join(OBJECTIVES)}.")
 
 
-def supervised(model: nn.Module, loss_fn: Callable) -> Objective:
-  apply_fn = lambda params, images: model.apply({"params": params}, images)
+def supervised(model: nn.Module, loss_fn: Callable, drop_path: bool = False) -> Objective:
+  def apply_fn(params, images, rng=None):
+    if rng is None or not drop_path:
+      return model.apply({"params": params}, images)
+    return model.apply({"params": params}, images, train=True, rngs={"drop_path": rng})
 
-  def loss(params, extra, batch):
-    return jnp.mean(loss_fn(apply_fn(params, batch["image"]), batch["labels"])), extra
+  def loss(params, extra, batch, rng):
+    return jnp.mean(loss_fn(apply_fn(params, batch["image"], rng), batch["labels"])), extra
 
   return Objective(
       "supervised", init_params=lambda rng, images: model.init(rng, images)["params"],
@@ -129,7 +136,8 @@ def moco(config: ml_collections.ConfigDict, backbone: nn.Module, mesh) -> Object
     return backbone.apply({"params": {k: v for k, v in params.items() if k != PROJECTION}},
                           images)
 
-  def apply_fn(params, images):
+  def apply_fn(params, images, rng=None):  # No stochastic depth (_check_moco).
+    del rng
     return l2_normalize(head.apply({"params": params[PROJECTION]}, features_fn(params, images)))
 
   def init_params(rng, images):
@@ -145,7 +153,8 @@ def moco(config: ml_collections.ConfigDict, backbone: nn.Module, mesh) -> Object
     return {"moco": {"key_params": params, "queue": queue,
                      "queue_pointer": jnp.zeros((), jnp.int32)}}
 
-  def loss(params, extra, batch):
+  def loss(params, extra, batch, rng):
+    del rng
     state = extra["moco"]
     views = batch["image"]
     if views.ndim != 5 or views.shape[1] != 2:
@@ -176,10 +185,14 @@ def _check_moco(config: ml_collections.ConfigDict) -> None:
   if not settings.temperature > 0:
     raise UserError(f"moco.temperature {settings.temperature} must be positive; MoCo-v2 uses "
                     "0.2.")
-  unsupported = [(config.batch_split != 1, "batch_split=1"),
-                 (config.state_sharding != "replicated", "state_sharding=replicated"),
-                 (bool(config.mixup_alpha), "mixup_alpha=0")]
-  for refused, fix in unsupported:
+  queue = "the queue takes whole batches of keys"
+  unsupported = [(config.batch_split != 1, "batch_split=1", queue),
+                 (config.state_sharding != "replicated", "state_sharding=replicated", queue),
+                 (bool(config.mixup_alpha), "mixup_alpha=0", "labels are unused"),
+                 (bool(config.cutmix_alpha), "cutmix_alpha=0", "labels are unused"),
+                 (losses.uses_teacher(config.loss), "loss=softmax_xent", "labels are unused"),
+                 (bool(config.model.drop_path_rate), "model.drop_path_rate=0",
+                  "the key encoder embeds deterministically")]
+  for refused, fix, why in unsupported:
     if refused:
-      raise UserError(f"objective=moco supports {fix} only (the queue takes whole batches of "
-                      f"keys); set --config.{fix}.")
+      raise UserError(f"objective=moco supports {fix} only ({why}); set --config.{fix}.")

@@ -89,21 +89,37 @@ def decay_mask(params, pattern: str):
       lambda path, _: bool(regex.fullmatch("/".join(k.key for k in path))), params)
 
 
+OPTIMIZERS = ("sgd", "lamb")
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with momentum and coupled L2 weight decay on the masked parameters, of the
-  `config.trainable` parameters (only_trainable).
+  """`config.optimizer` on the gradients clipped to `grad_clip_norm` (global norm) if set, of
+  the `config.trainable` parameters only (only_trainable).
 
-  Coupled (as in the paper's TF code): grad += wd * param before momentum, the gradient of
-  wd/2 * ||param||^2; not the decoupled AdamW-style decay.
+  "sgd": SGD with momentum and coupled L2 weight decay on the masked parameters (as in the
+  paper's TF code): grad += wd * param before momentum, the gradient of wd/2 * ||param||^2.
+  "lamb": LAMB (You et al. 2020) as ResNet strikes back trains it (timm's Lamb): Adam
+  moments (b1 0.9, b2 0.999, eps 1e-6), decoupled weight decay wd * param added to the
+  update, then the layer-wise trust ratio ||param|| / ||update||, and both only on the
+  parameters `wd_mask` selects: timm skips the trust ratio where it skips weight decay
+  (biases, GroupNorm scales and offsets), which optax.lamb cannot mask, hence the chain.
   """
+  if config.get("optimizer", "sgd") not in OPTIMIZERS:
+    raise UserError(f"Unknown optimizer {config.optimizer!r}; valid: {', '.join(OPTIMIZERS)}.")
+  mask = lambda params: decay_mask(params, config.wd_mask)
   chain = []
   if config.get("grad_clip_norm"):
     chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  if config.wd:
-    chain.append(optax.add_decayed_weights(
-        config.wd, mask=lambda p: decay_mask(p, config.wd_mask)))
-  chain.append(optax.sgd(schedule, momentum=config.momentum))
+  if config.get("optimizer", "sgd") == "lamb":
+    chain += [optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6),
+              optax.add_decayed_weights(config.wd, mask=mask),
+              optax.masked(optax.scale_by_trust_ratio(), mask),
+              optax.scale_by_learning_rate(schedule)]
+  else:
+    if config.wd:
+      chain.append(optax.add_decayed_weights(config.wd, mask=mask))
+    chain.append(optax.sgd(schedule, momentum=config.momentum))
   return only_trainable(config.trainable, optax.chain(*chain))
 
 

@@ -15,7 +15,7 @@ from absl import app, flags
 from etils import epath
 from matplotlib import figure
 
-from big_transfer import errors
+from big_transfer import errors, files
 
 # allow_override: export also names its output --out, and the tests import both modules.
 OUT = flags.DEFINE_string("out", None, "The image to write (.png, .svg or .pdf).",
@@ -86,7 +86,7 @@ def plot(workdirs: list[str], out: str, title: str | None = None) -> figure.Figu
   if title:
     fig.suptitle(title)
   try:
-    fig.savefig(out, dpi=100)
+    files.save_figure(fig, out, dpi=100)
   except (OSError, ValueError) as e:
     raise errors.UserError(f"Cannot write {out} ({e}); check the folder and the extension "
                            "(.png, .svg, .pdf).") from None

@@ -7,11 +7,11 @@ and config (the resolved config).
 """
 
 import json
-import os
 
 import jax
 import ml_collections
 
+from big_transfer import files
 from big_transfer.errors import UserError
 
 RESULTS_FILE = "results.json"
@@ -38,21 +38,18 @@ def write(workdir: str, config: ml_collections.ConfigDict, result: dict[str, flo
       "config": json.loads(config.to_json()),
   }
   if jax.process_index() == 0:
-    path = os.path.join(workdir, RESULTS_FILE)
-    with open(path + ".tmp", "w") as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-      f.write("\n")
-    os.replace(path + ".tmp", path)
+    files.write_atomic(files.path(workdir) / RESULTS_FILE,
+                       json.dumps(record, indent=2, sort_keys=True) + "\n")
   return record
 
 
 def load(path: str) -> dict:
   """A results.json (or the one in workdir `path`)."""
-  if os.path.isdir(path):
-    path = os.path.join(path, RESULTS_FILE)
+  path = files.path(path)
   try:
-    with open(path) as f:
-      return json.load(f)
+    if path.is_dir():
+      path = path / RESULTS_FILE
+    return json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise UserError(f"Cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]}); rerun "
                     "that run to write it again.") from None

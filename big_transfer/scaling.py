@@ -26,6 +26,8 @@ import functools
 import math
 import re
 
+from big_transfer import files
+
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 # Bytes per element of HLO primitive types; f8 variants take 1, others (tokens, sub-byte) 0.
@@ -387,5 +389,5 @@ def plot(curves: dict[str, list[Row]], path: str, title: str) -> None:
   efficiency.legend(fontsize=8)
   figure.suptitle(title, fontsize=10)
   figure.tight_layout()
-  figure.savefig(path, dpi=110)
+  files.save_figure(figure, path, dpi=110)
   pyplot.close(figure)

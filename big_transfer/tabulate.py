@@ -9,13 +9,13 @@ A summary over fewer tasks than the benchmark has says so in its name ("12/19 ta
 """
 
 import csv
-import glob
 import os
 import sys
 
 from absl import app, flags
+from etils import epath
 
-from big_transfer import results
+from big_transfer import files, results
 from big_transfer.data import tasks
 from big_transfer.errors import UserError
 
@@ -29,11 +29,11 @@ def find(paths: list[str]) -> list[str]:
   """The results.json files of `paths` (workdirs, or folders holding workdirs), sorted."""
   found = []
   for path in paths:
-    if os.path.isfile(os.path.join(path, results.RESULTS_FILE)):
-      found.append(os.path.join(path, results.RESULTS_FILE))
+    if (epath.Path(path) / results.RESULTS_FILE).is_file():
+      found.append(os.fspath(epath.Path(path) / results.RESULTS_FILE))
       continue
-    below = sorted(glob.glob(os.path.join(glob.escape(path), "**", results.RESULTS_FILE),
-                             recursive=True))
+    below = sorted(os.fspath(folder / results.RESULTS_FILE)
+                   for folder, _, names in epath.Path(path).walk() if results.RESULTS_FILE in names)
     if not below:
       raise UserError(f"No {results.RESULTS_FILE} in or below {path}; pass finished runs' "
                       "workdirs (a run writes it after its final evaluation).")
@@ -89,7 +89,7 @@ def markdown(table: list[dict]) -> str:
 
 
 def write_csv(table: list[dict], path: str) -> None:
-  with open(path, "w", newline="") as f:
+  with files.atomic_writer(path) as f:
     writer = csv.DictWriter(f, COLUMNS)
     writer.writeheader()
     writer.writerows(table)
@@ -99,7 +99,8 @@ def main(argv):
   if len(argv) < 2:
     sys.exit("error: pass one or more workdirs (or folders holding them).")
   try:
-    table = rows({os.path.dirname(path): results.load(path) for path in find(argv[1:])})
+    table = rows({os.fspath(epath.Path(path).parent): results.load(path)
+                  for path in find(argv[1:])})
   except UserError as e:
     sys.exit(f"error: {e}")
   print(markdown(table))

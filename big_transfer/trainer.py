@@ -23,8 +23,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import (checkpoints, evaluate, losses, metrics, models, objectives, optim,
-                          results, sharding, transfer, validate, workdirs)
+from big_transfer import (checkpoints, evaluate, fewshot_eval, losses, metrics, models,
+                          objectives, optim, results, sharding, transfer, validate, workdirs)
 from big_transfer.data import mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
 
@@ -36,18 +36,27 @@ def _all_gather(x, spec):
   return jax.lax.all_gather(x, sharding.DATA, axis=spec.index(sharding.DATA), tiled=True)
 
 
+_MODEL_RNG = np.uint32(2**32 - 1)  # The model's stream: no step folds in this value.
+
+
 def make_train_step(objective, tx, schedule, mesh, batch_split: int = 1,
                     mixup_alpha: float = 0.0, seed: int = 0,
-                    state_sharding: str = "replicated", param_shardings=None,
-                    extra_keys: tuple[str, ...] = ()):
+                    state_sharding: str = "replicated", param_shardings=None, *,
+                    cutmix_alpha: float = 0.0, cutmix_switch_prob: float = 0.5,
+                    teacher_fn=None, extra_keys: tuple[str, ...] = ()):
   """The update step (state, batch) -> (state, metrics), to be jitted with donation.
 
   `objective.loss` (big_transfer/objectives.py) is what is minimised; the state entries
   `extra_keys` are the objective's own (MoCo's key encoder and queue), passed to it and
   replaced by what it returns.
 
-  MixUp (alpha > 0) draws from fold_in(key(seed), step): no RNG state to checkpoint, and a
-  resumed run mixes exactly as an uninterrupted one.
+  MixUp / CutMix (alpha > 0) draw from fold_in(key(seed), step) and the objective's model
+  (stochastic depth) from a stream of its own, folded with the micro-batch and the device: no
+  RNG state to checkpoint, and a resumed run draws exactly as an uninterrupted one.
+
+  Distillation: `teacher_fn(state["teacher"], images)` gives the targets of the objective's
+  loss, the frozen teacher's logits on the images the student sees (the same crop and mix);
+  the teacher is carried through the state unchanged.
 
   With `batch_split` k the batch is processed as k micro-batches whose mean gradients are
   averaged, equal to one pass over the whole batch. With replicated parameters each device
@@ -65,21 +74,24 @@ def make_train_step(objective, tx, schedule, mesh, batch_split: int = 1,
   step in `state["bad_step"]`, so the state (and every checkpoint of it) stays finite.
   """
 
-  def loss_and_grads(params, extra, batch, gather=lambda p: p):
+  def loss_and_grads(params, extra, batch, rng, gather=lambda p: p):
     """((loss, the objective's new extra state), grads)."""
-    loss = lambda p: objective.loss(gather(p), extra, batch)
+    loss = lambda p: objective.loss(gather(p), extra, batch, rng)
     return jax.value_and_grad(loss, has_aux=True)(params)
 
-  def mean_over_micro_batches(params, micro, gather=lambda p: p):
+  def mean_over_micro_batches(params, micro, rng, gather=lambda p: p):
     """The mean (loss, grads) over micro-batches stacked on the leading axis (objectives
     without extra state: objectives.py refuses batch_split for the others)."""
-    def add(total, mb):
-      (loss, _), grads = loss_and_grads(params, {}, mb, gather)
+    def add(total, mb_index):
+      mb, index = mb_index
+      (loss, _), grads = loss_and_grads(params, {}, mb, jax.random.fold_in(rng, index), gather)
       return jax.tree.map(jnp.add, total, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(add, zeros, micro)
+    (loss, grads), _ = jax.lax.scan(add, zeros, (micro, jnp.arange(batch_split)))
     return jax.tree.map(lambda x: x / batch_split, (loss, grads))
+
+  per_device = lambda rng: jax.random.fold_in(rng, jax.lax.axis_index(sharding.DATA))
 
   # Per device: the mean over its rows of each micro-batch (the same count on every device),
   # so the mean over devices is the global mean.
@@ -87,42 +99,46 @@ def make_train_step(objective, tx, schedule, mesh, batch_split: int = 1,
   accumulate = mean_over_micro_batches
   if state_sharding == "replicated":
     accumulate = jax.shard_map(
-        lambda params, micro: jax.lax.pmean(mean_over_micro_batches(params, micro),
-                                            sharding.DATA),
-        mesh=mesh, in_specs=(P(), micro_spec), out_specs=P(), check_vma=False)
+        lambda params, micro, rng: jax.lax.pmean(
+            mean_over_micro_batches(params, micro, per_device(rng)), sharding.DATA),
+        mesh=mesh, in_specs=(P(), micro_spec, P()), out_specs=P(), check_vma=False)
   elif state_sharding == "fsdp":
     specs = jax.tree.map(lambda s: s.spec, param_shardings)
     gather = lambda params: jax.tree.map(_all_gather, params, specs)
 
-    def fsdp_mean(params, micro):
-      loss, grads = mean_over_micro_batches(params, micro, gather)
+    def fsdp_mean(params, micro, rng):
+      loss, grads = mean_over_micro_batches(params, micro, per_device(rng), gather)
       # all_gather's transpose summed the split gradients over the devices (reduce-scatter).
       grads = jax.tree.map(lambda g, spec: g / mesh.size if sharding.DATA in spec
                            else jax.lax.pmean(g, sharding.DATA), grads, specs)
       return jax.lax.pmean(loss, sharding.DATA), grads
 
-    accumulate = jax.shard_map(fsdp_mean, mesh=mesh, in_specs=(specs, micro_spec),
+    accumulate = jax.shard_map(fsdp_mean, mesh=mesh, in_specs=(specs, micro_spec, P()),
                                out_specs=(P(), specs), check_vma=False)
 
   def step(state, batch):
     params = state["params"]
     extra = {key: state[key] for key in extra_keys}
-    batch = mixup.mixup(jax.random.fold_in(jax.random.key(seed), state["step"]), batch,
-                        mixup_alpha)
+    batch = mixup.mix(jax.random.fold_in(jax.random.key(seed), state["step"]), batch,
+                      mixup_alpha, cutmix_alpha, cutmix_switch_prob)
+    if teacher_fn is not None:
+      batch = {**batch, "labels": teacher_fn(state["teacher"], batch["image"])}
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _MODEL_RNG), state["step"])
     if batch_split == 1 and state_sharding != "fsdp":
-      (loss, extra), grads = loss_and_grads(params, extra, batch)
+      (loss, extra), grads = loss_and_grads(params, extra, batch, rng)
     else:
       # Micro-batch j takes rows j, j+k, ...: each device keeps its own rows, no transfers.
       micro = jax.tree.map(
           lambda x: jnp.swapaxes(x.reshape((-1, batch_split) + x.shape[1:]), 0, 1), batch)
       micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, micro_spec))
-      loss, grads = accumulate(params, micro)
+      loss, grads = accumulate(params, micro, rng)
 
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_new = lambda new, old: jnp.where(finite, new, old)
     new_state = {
+        **state,  # Frozen parts (a distillation teacher) as they are.
         "step": state["step"] + 1,
         "params": jax.tree.map(keep_new, optax.apply_updates(params, updates), params),
         "opt_state": jax.tree.map(keep_new, opt_state, state["opt_state"]),
@@ -141,7 +157,7 @@ class Setup:
   model: Any
   objective: objectives.Objective
   apply_fn: Callable
-  loss_fn: Callable
+  loss_fn: Callable  # Evaluation's loss against the labels (losses.eval_loss).
   schedule: optax.Schedule
   total_steps: int
   state_shardings: Any
@@ -158,11 +174,14 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
                     f"{config.batch_size // mesh.size}.")
   durations = optim.Durations(num_train_examples, config.batch_size)
   total_steps = durations(config, "total")
+  # CPUs get the same model in the form XLA:CPU runs fastest; TPU and GPU programs are unchanged.
   # A self-supervised objective trains the backbone without the classifier head.
   model = models.get_model(
       config.model.name, num_classes if config.objective == "supervised" else 0,
       dtype=jnp.dtype(config.model.dtype),
-      head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init)
+      head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init,
+      residual_gain=config.model.residual_gain, drop_path_rate=config.model.drop_path_rate,
+      avg_down=config.model.avg_down, for_cpu=mesh.devices.flat[0].platform == "cpu")
   schedule = optim.make_schedule(config, durations, total_steps)
   # ---- Transfer: the test-resolution phase, test_res.steps more at constant test_res.lr ----
   test_res = config.test_res
@@ -173,29 +192,43 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
     schedule = optim.then_constant(schedule, total_steps, optim.base_lr(config, test_res.lr))
     total_steps += test_res.steps
   tx = optim.make_optimizer(config, schedule)
-  loss_fn = losses.get(config.loss)
-  objective = objectives.get(config, model, loss_fn, mesh)
+  train_loss = losses.get(config.loss, label_smoothing=config.label_smoothing,
+                          temperature=config.distill.temperature)
+  loss_fn = losses.eval_loss(config.loss)
+  objective = objectives.get(config, model, train_loss, mesh)
+
+  teacher = teacher_fn = None
+  if losses.uses_teacher(config.loss):
+    teacher = models.get_model(config.distill.model, num_classes,
+                               dtype=jnp.dtype(config.model.dtype))
+    teacher_fn = lambda params, images: teacher.apply({"params": params}, images)
 
   def init_state(rng, loaded=None):
     """The state at step 0; `loaded` (config.init's params) replaces the fresh parameters it
     names (SGD's momentum starts at zero whatever the params) before the objective's extra
     state is derived from them."""
     # Parameter shapes do not depend on the resolution (global pooling before the head).
-    params = objective.init_params(rng, jnp.zeros((1, 32, 32, 3), jnp.float32))
-    params = {**params, **(loaded or {})}
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "bad_step": jnp.full((), -1, jnp.int32),
-            **objective.init_extra(params, jax.random.fold_in(rng, 1))}
+    images = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    params = {**objective.init_params(rng, images), **(loaded or {})}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "bad_step": jnp.full((), -1, jnp.int32),
+             **objective.init_extra(params, jax.random.fold_in(rng, 1))}
+    if teacher is not None:  # Placeholder weights: a new run loads config.distill.teacher.
+      state["teacher"] = teacher.init(rng, images)["params"]
+    return state
 
   shapes = jax.eval_shape(init_state, jax.random.key(0))
   shardings = sharding.state_shardings(shapes, mesh, config.state_sharding)
   shardings["step"] = shardings["bad_step"] = sharding.replicated(mesh)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  extra_keys = tuple(sorted(set(shapes) - {"step", "params", "opt_state", "bad_step"}))
+  extra_keys = tuple(sorted(set(shapes) - {"step", "params", "opt_state", "bad_step",
+                                             "teacher"}))
   step = make_train_step(objective, tx, schedule, mesh, config.batch_split,
                          config.mixup_alpha, config.seed, config.state_sharding,
-                         shardings["params"], extra_keys)
+                         shardings["params"], cutmix_alpha=config.cutmix_alpha,
+                         cutmix_switch_prob=config.cutmix_switch_prob, teacher_fn=teacher_fn,
+                         extra_keys=extra_keys)
   train_step = jax.jit(
       step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -252,7 +285,7 @@ def _train_batches(config, dataset, local_batch: int, start_step: int, subset=No
   if config.input_sharding not in ("process", "global"):
     raise UserError(f"Unknown input_sharding {config.input_sharding!r}; valid: process, global.")
   kwargs = dict(seed=config.seed, shuffle_buffer=config.shuffle_buffer, cache=config.cache,
-                subset=subset)
+                subset=subset, repeats=config.repeated_aug)
 
   def batches(pp, start):
     if config.input_sharding == "process":
@@ -301,14 +334,20 @@ def _linear_probe(config, dataset, setup, local_batch: int, mesh):
   return probe
 
 
-def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
-  """Steps from the state's step to the end; returns (state, preempted)."""
+def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluators):
+  """Steps from the state's step to the end; returns (state, preempted). `evaluators`:
+  (every_steps, fn(step, params)) pairs, run every that many steps (0: never) before the
+  last; the caller evaluates at the end."""
   start_step = int(jax.device_get(state["step"]))
   progress = metrics.Progress(setup.total_steps, config.batch_size, start_step)
   with _Preemption() as preemption:
     for step in range(start_step + 1, setup.total_steps + 1):
       state, step_metrics = setup.train_step(state, sharding.to_global(next(batches), mesh))
       is_last = step == setup.total_steps
+      if step == start_step + 1 and step % config.log_every_steps and not is_last:
+        # This step compiled: the throughput counts from its end (unless it is logged itself).
+        jax.block_until_ready(step_metrics)
+        progress.restart(step)
       if step % config.log_every_steps == 0 or is_last:
         _check_finite(state, ckpt.latest_step())
         scalars = {f"train/{k}": v for k, v in jax.device_get(step_metrics).items()}
@@ -325,8 +364,10 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluate_fn):
         metrics.log(f"Preempted (SIGTERM): saved step {step}; rerun the same command to "
                     "resume.")
         return state, True
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
-        evaluate_fn(step, state["params"])
+      for every_steps, evaluate_fn in evaluators:
+        if every_steps and step % every_steps == 0 and not is_last:
+          with progress.paused():
+            evaluate_fn(step, state["params"])
   return state, False
 
 
@@ -359,10 +400,11 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
   eval_batch = config.eval_batch_size or config.batch_size
   sharding.check_batch_size(eval_batch, mesh.size, "eval_batch_size")
   local_eval_batch = eval_batch // jax.process_count()
+  fewshot = fewshot_eval.from_config(config, setup.model, mesh)  # Its data checked up front.
 
   with jax.set_mesh(mesh):
     ckpt = checkpoints.Manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
-    writer = metrics.Writer(workdir)
+    writer = metrics.Writer(workdir, config.tensorboard)
     try:
       state = ckpt.restore(setup.abstract_state)
       if state is None:
@@ -370,6 +412,9 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
         params = (transfer.init_params(config, setup.model.num_classes,
                                        setup.state_shardings["params"]) if config.init else None)
         state = setup.init(jax.random.key(config.seed), params)
+        if "teacher" in state:
+          state["teacher"] = transfer.teacher_params(config, num_classes,
+                                                     setup.state_shardings["teacher"])
         workdirs.record_config(config, dataset.class_names(), workdir)
       start_step = int(jax.device_get(state["step"]))
       num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
@@ -380,22 +425,27 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
                   f"{jax.device_count()} devices ({jax.process_count()} processes); "
                   f"{setup.total_steps} steps.")
       if setup.objective.evaluator == "linear_probe":
-        evaluate_fn = _linear_probe(config, dataset, setup, local_eval_batch, mesh)
+        score = _linear_probe(config, dataset, setup, local_eval_batch, mesh)
       else:
         eval_step = evaluate.make_classification_step(setup.apply_fn, setup.loss_fn)
-        evaluate_fn = lambda params, batches: evaluate.classification(eval_step, params, batches,
-                                                                      mesh)
+        score = lambda params, batches: evaluate.classification(eval_step, params, batches, mesh)
 
       def run_eval(step, params):
         batches = pipeline.eval_iterator(
             dataset, config.eval_split, config.pp_eval, local_eval_batch,
             process_index=jax.process_index(), process_count=jax.process_count())
-        result = evaluate_fn(params, batches)
+        result = score(params, batches)
         writer.write(step, {f"eval/{k}": v for k, v in result.items()})
         metrics.log(f"step {step}: eval {config.eval_split} accuracy "
                     f"{100 * result['accuracy']:.2f}% (top-5 {100 * result['top5']:.2f}%) over "
                     f"{int(result['count'])} images, loss {result['loss']:.4f}")
         return result
+
+      # Periodic evaluators: classification, then the optional extras (config.fewshot).
+      evaluators = [(config.eval_every_steps, run_eval)]
+      if fewshot:
+        evaluators.append((config.fewshot.every_steps,
+                           lambda step, params: fewshot.log(step, params, writer)))
 
       if start_step >= setup.total_steps:
         metrics.log(f"Run already finished ({start_step}/{setup.total_steps} steps); "
@@ -405,10 +455,12 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
                           else None)
         batches = _train_batches(config, dataset, local_batch, start_step, subset, test_res_start)
         state, preempted = _train_loop(config, setup, state, batches, mesh, ckpt, writer,
-                                       run_eval)
+                                       evaluators)
         if preempted:
           return {}
       result = run_eval(setup.total_steps, state["params"])
+      for _, evaluate_fn in evaluators[1:]:
+        evaluate_fn(setup.total_steps, state["params"])
     finally:
       ckpt.close()
       writer.close()

@@ -106,21 +106,33 @@ def train_subset(config: ml_collections.ConfigDict,
 def init_params(config: ml_collections.ConfigDict, num_classes: int, shardings):
   """`config.init`'s params for the run's model, placed with `shardings`: the backbone as
   stored, the head as `config.init_head` says (transfer: a zero head of `num_classes`)."""
-  name, params = checkpoints.load_params(config.init, num_classes, head=config.init_head)
-  wanted = models.parse_name(config.model.name)
+  return _load(config.init, config.model.name, num_classes, config.init_head, shardings,
+               "--config.init", "config.model.name", "Initialised")
+
+
+def teacher_params(config: ml_collections.ConfigDict, num_classes: int, shardings):
+  """The distillation teacher `config.distill.teacher` (a `distill.model` with its head of
+  `num_classes`), placed with `shardings`."""
+  return _load(config.distill.teacher, config.distill.model, num_classes, "keep", shardings,
+               "--config.distill.teacher", "config.distill.model", "Teacher")
+
+
+def _load(path: str, model: str, num_classes: int, head: str, shardings, flag: str,
+          model_key: str, role: str):
+  name, params = checkpoints.load_params(path, num_classes, head=head)
+  wanted = models.parse_name(model)
   try:
     found = models.parse_name(name)
   except UserError:
     found = None
   if found != wanted:
-    raise UserError(f"--config.init={config.init} holds {name} but config.model.name is "
-                    f"{config.model.name}; set --config.model.name={name} or pass a "
-                    f"{config.model.name} checkpoint.")
-  head = params.get("head", {}).get("conv2d", {})
-  zero = not any(np.any(x) for x in head.values())
-  head = (f"{'a zero' if zero else 'the checkpoint' + chr(39) + 's'} {num_classes}-class head "
-          f"(init_head={config.init_head})" if num_classes else "no head")
-  metrics.log(f"Initialised from {config.init}: {name} backbone loaded, {head}.")
+    raise UserError(f"{flag}={path} holds {name} but {model_key} is {model}; set "
+                    f"--{model_key}={name} or pass a {model} checkpoint.")
+  head_params = params.get("head", {}).get("conv2d", {})
+  zero = not any(np.any(x) for x in head_params.values())
+  head_note = (f"{'a zero' if zero else 'the checkpoint' + chr(39) + 's'} {num_classes}-class "
+               f"head (init_head={head})" if num_classes else "no head")
+  metrics.log(f"{role} from {path}: {name} backbone loaded, {head_note}.")
   # `shardings` may name more (a self-supervised objective's projection, initialised fresh).
   return jax.tree.map(
       lambda x, sharding: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i]),

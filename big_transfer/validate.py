@@ -40,6 +40,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   _check_choice("loss", config.loss, losses.LOSSES)
   _check_choice("objective", config.objective, objectives.OBJECTIVES)
   _check_choice("trainable", config.trainable, optim.TRAINABLE)
+  _check_choice("optimizer", config.optimizer, optim.OPTIMIZERS)
+  _check_recipe(config)
   _check_choice("schedule.kind", config.schedule.kind, SCHEDULES)
   _check_choice("state_sharding", config.state_sharding, sharding.STATE_SHARDINGS)
   _check_choice("input_sharding", config.input_sharding, INPUT_SHARDINGS)
@@ -94,6 +96,43 @@ def _check_optimization(config) -> None:
     raise UserError(f"mixup_alpha {config.mixup_alpha} must be >= 0 (0: no MixUp; "
                     "BiT-HyperRule: 0.1).")
   _positive("schedule.decay_factor", config.schedule.decay_factor, 0.1)
+
+
+def _check_recipe(config) -> None:
+  """The training-recipe switches (ResNet strikes back, Bag of Tricks, distillation)."""
+  for key, value, low, high, example in (
+      ("label_smoothing", config.label_smoothing, 0, 1, 0.1),
+      ("model.drop_path_rate", config.model.drop_path_rate, 0, 1, 0.05)):
+    if not (isinstance(value, (int, float)) and low <= value < high):
+      raise UserError(f"{key} {value} must be in [{low}, {high}); e.g. --config.{key}={example}.")
+  if not (math.isfinite(config.cutmix_alpha) and config.cutmix_alpha >= 0):
+    raise UserError(f"cutmix_alpha {config.cutmix_alpha} must be >= 0 (0: no CutMix; ResNet "
+                    "strikes back: 1.0).")
+  if not 0 <= config.cutmix_switch_prob <= 1:
+    raise UserError(f"cutmix_switch_prob {config.cutmix_switch_prob} must be in [0, 1] (the "
+                    "share of batches mixed by CutMix when MixUp is on too; 0.5 in timm).")
+  if not (isinstance(config.repeated_aug, int) and config.repeated_aug >= 1):
+    raise UserError(f"repeated_aug {config.repeated_aug} must be an integer >= 1 (1: off; "
+                    "ResNet strikes back: 3).")
+  if (config.optimizer == "lamb" and config.model.head_zero_init
+      and re.fullmatch(config.wd_mask, "head/conv2d/kernel")):
+    raise UserError("optimizer lamb scales each update by the parameter's norm (trust ratio), "
+                    "so a zero-initialised head never grows; set "
+                    "--config.model.head_zero_init=False (configs/rsb.py does).")
+  distill = config.distill
+  if losses.uses_teacher(config.loss):
+    if not distill.teacher or not distill.model:
+      raise UserError(f"loss {config.loss} needs a teacher: set --config.distill.teacher "
+                      "(a BiT .npz or a run's workdir) and --config.distill.model (e.g. R152x2).")
+    models.parse_name(distill.model)
+    _positive("distill.temperature", distill.temperature, 1.0)
+    if config.label_smoothing:
+      raise UserError(f"label_smoothing {config.label_smoothing} does not apply to "
+                      f"{config.loss} (its targets are the teacher's logits); set "
+                      "--config.label_smoothing=0.")
+  elif distill.teacher:
+    raise UserError(f"distill.teacher is set but loss is {config.loss}; set "
+                    "--config.loss=distill_kl to distill, or leave distill.teacher empty.")
 
 
 def _check_batches(config, num_devices: int) -> None:

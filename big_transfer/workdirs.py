@@ -26,10 +26,12 @@ from typing import Sequence
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from big_transfer import metrics
+from big_transfer import files, metrics
 from big_transfer.errors import UserError
 
 LOCK_NAME = "workdir.lock"
@@ -88,7 +90,7 @@ class Lock:
   """Context manager holding `<workdir>/workdir.lock` for the duration of a run."""
 
   def __init__(self, workdir: str):
-    self._workdir = epath.Path(workdir)
+    self._workdir = files.path(workdir)
     self._path = self._workdir / LOCK_NAME
     own = _process_start(os.getpid())
     self._record = {"host": socket.gethostname(), "pid": os.getpid(),
@@ -133,6 +135,7 @@ class Lock:
       return {}
 
   def _acquire(self) -> None:
+    files.check_bucket(self._workdir)  # Creating the folder would create a mistyped bucket.
     try:
       self._workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -165,7 +168,7 @@ class Lock:
     """Writes the record unless a lock exists: atomically on local disks, else read back."""
     text = json.dumps(self._record)
     try:
-      if "://" not in os.fspath(self._path):
+      if not files.is_remote(self._path):
         fd = os.open(os.fspath(self._path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with os.fdopen(fd, "w") as f:
           f.write(text)
@@ -181,16 +184,14 @@ class Lock:
                       "writable --workdir.") from None
 
   def _beat(self) -> None:
-    """Refreshes the heartbeat (write aside, then rename over the lock) while we own it."""
+    """Refreshes the heartbeat (replacing the lock atomically) while we own it."""
     warned = False
     while not self._stop.wait(HEARTBEAT_S):
       try:
         if self._read() != self._record:
           return
         record = {**self._record, "heartbeat": time.time()}
-        fresh = self._path.with_name(f".{LOCK_NAME}.{record['token']}")
-        fresh.write_text(json.dumps(record))
-        fresh.replace(self._path)
+        files.write_atomic(self._path, json.dumps(record))
         self._record = record
       except OSError as e:
         if not warned:
@@ -198,37 +199,27 @@ class Lock:
           warned = True
 
 
-def finalized_steps(workdir: str) -> list[int]:
-  """Steps of the complete checkpoints in `workdir` (orbax renames a checkpoint to its step
-  when it is complete)."""
-  directory = epath.Path(workdir) / "checkpoints"
+def finalized_steps(workdir: epath.PathLike) -> list[int]:
+  """Steps of the complete checkpoints in `workdir`: orbax renames a local checkpoint to its
+  step when it is complete, and on Cloud Storage (no rename) marks it with a commit file."""
+  directory = files.path(workdir) / "checkpoints"
   if not directory.is_dir():
     return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[prefix + key] = value
-  return flat
+  return sorted(ocp.utils.checkpoint_steps(directory))
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """UserError when `workdir` holds checkpoints written with another value of a RESUME_KEYS
   key (read from its config.json; a workdir without one is not checked here)."""
-  path = epath.Path(workdir) / CONFIG_NAME
+  path = files.path(workdir) / CONFIG_NAME
   if not finalized_steps(workdir) or not path.exists():
     return
   try:
-    stored = _flatten(json.loads(path.read_text()))
+    stored = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".")
   except (OSError, ValueError) as e:
     metrics.log(f"WARNING: cannot read {path} ({e}); not checking the config against it.")
     return
-  current = _flatten(json.loads(config.to_json()))
+  current = traverse_util.flatten_dict(json.loads(config.to_json()), sep=".")
   for key, reason in RESUME_KEYS.items():
     if key in stored and stored[key] != current.get(key):
       raise UserError(f"Workdir {workdir} holds a run with {key}={stored[key]!r}, this config "
@@ -242,6 +233,6 @@ def record_config(config: ml_collections.ConfigDict, class_names: Sequence[str],
   config) and `<workdir>/class_names.json` (label order; tools such as predict name the
   classes without the dataset)."""
   if jax.process_index() == 0:
-    workdir = epath.Path(workdir)
-    (workdir / CONFIG_NAME).write_text(config.to_json(indent=2, sort_keys=True) + "\n")
-    (workdir / CLASS_NAMES_NAME).write_text(json.dumps(list(class_names), indent=0) + "\n")
+    workdir = files.path(workdir)
+    files.write_atomic(workdir / CONFIG_NAME, config.to_json(indent=2, sort_keys=True) + "\n")
+    files.write_atomic(workdir / CLASS_NAMES_NAME, json.dumps(list(class_names), indent=0) + "\n")

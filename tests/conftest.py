@@ -32,6 +32,22 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CIFAR10 = pathlib.Path(os.environ.get("BIT_CIFAR10", ROOT.parent / "shared" / "data" / "cifar10"))
 
+
+def require_data(path: pathlib.Path, what: str) -> pathlib.Path:
+  """`path` if it exists. Otherwise a skip that names it, and in CI (`CI=true`, set by .ci/run)
+  a failure: test data that CI expects is never skipped silently."""
+  if path.is_dir():
+    return path
+  message = f"{what} not found at {path}"
+  if os.environ.get("CI", "").lower() == "true":
+    pytest.fail(f"{message}; CI expects it (set BIT_CIFAR10 to its path)", pytrace=False)
+  pytest.skip(f"{message} (set BIT_CIFAR10 to its path)")
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir():
+  return require_data(CIFAR10, "CIFAR-10 image folder")
+
 # A tiny model and run for trainer tests: R14x1 at 16 px, 4 steps of 16 images; evaluation in
 # batches of 64 (360 test images: the last batch is padded).
 TINY_CONFIG = {
@@ -130,11 +146,15 @@ def run_train(workdir, *flags, devices: int = 1, check: bool = True):
 
 # The slowest files first: pytest-xdist (`-n`, one file per worker at a time) then balances the
 # rest of the suite around them.
-_SLOWEST_FIRST = ("test_resilience.py", "test_upstream.py", "test_engine.py", "test_train.py",
-                  "test_transfer.py", "test_plan.py")
+_SLOWEST_FIRST = ("test_recipes.py", "test_resilience.py", "test_cloud_storage.py",
+                  "test_upstream.py", "test_engine.py", "test_train.py", "test_transfer.py",
+                  "test_plan.py")
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+  if not hasattr(config, "workerinput"):  # Not an xdist worker: keep the order asked for.
+    return
+
   def rank(item):
     name = item.path.name
     return _SLOWEST_FIRST.index(name) if name in _SLOWEST_FIRST else len(_SLOWEST_FIRST)

@@ -53,10 +53,11 @@ def _assert_bitwise_equal(a: dict, b: dict):
     assert np.array_equal(a[key].view(np.uint32), b[key].view(np.uint32)), key
 
 
-def test_logits_and_pre_logits_match_timm(fixture, tmp_path):
+@pytest.mark.parametrize("for_cpu", [False, True])  # True: the form the trainer runs on CPUs.
+def test_logits_and_pre_logits_match_timm(fixture, tmp_path, for_cpu):
   name, fx = fixture
   params = checkpoints.load_bit_npz(_official_file(tmp_path, fx["params"]), name, 10)
-  model = models.get_model(name, 10)
+  model = models.get_model(name, 10, for_cpu=for_cpu)
   logits = model.apply({"params": params}, fx["inputs"])
   pre_logits = model.apply({"params": params}, fx["inputs"], pre_logits=True)
   assert logits.dtype == jnp.float32

@@ -13,8 +13,7 @@ from conftest import CIFAR10
 from big_transfer.data import datasets, mixup, pipeline, preprocess
 from big_transfer.errors import UserError
 
-needs_cifar10 = pytest.mark.skipif(
-    not CIFAR10.is_dir(), reason=f"CIFAR-10 image folder not at {CIFAR10} (set BIT_CIFAR10)")
+needs_cifar10 = pytest.mark.usefixtures("cifar10_dir")  # A skip, or in CI a failure.
 
 PP_TRAIN = "decode|resize(18)|random_crop(16)|flip_lr|value_range(-1, 1)"
 PP_EVAL = "decode|resize(16)|value_range(-1, 1)"
@@ -226,10 +225,8 @@ def test_few_shot_subset_on_tfds_digits_feeds_the_iterators(digits):
 # ---- CIFAR-10 as an image folder -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cifar10():
-  if not CIFAR10.is_dir():
-    pytest.skip(f"CIFAR-10 image folder not at {CIFAR10} (set BIT_CIFAR10)")
-  return datasets.get(f"folder:{CIFAR10}")
+def cifar10(cifar10_dir):
+  return datasets.get(f"folder:{cifar10_dir}")
 
 
 def _files(split: str) -> list[str]:

@@ -16,7 +16,6 @@ from big_transfer import config_common, evaluate, losses, models, sharding, trai
 from big_transfer.data import datasets, pipeline
 from big_transfer.errors import UserError
 from configs import demo
-from conftest import CIFAR10
 
 STEPS = 20
 
@@ -151,10 +150,9 @@ def test_batch_split_must_divide_the_device_batch():
     trainer.build(_config(batch_split=3), mesh, num_classes=10, num_train_examples=1437)
 
 
-@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"shared CIFAR-10 images not found at {CIFAR10}")
 @pytest.mark.parametrize("batch, num_devices", [(333, 1), (333, 8), (64, 8)])
-def test_evaluation_counts_every_cifar10_test_image(batch, num_devices):
-  cifar10 = datasets.get(f"folder:{CIFAR10}")
+def test_evaluation_counts_every_cifar10_test_image(cifar10_dir, batch, num_devices):
+  cifar10 = datasets.get(f"folder:{cifar10_dir}")
   model = models.get_model("R14x1", 10)
   mesh = sharding.make_mesh(jax.devices()[:num_devices])
   # A global batch must split over the devices: 333 is padded to 336 on 8 (masked slots).

@@ -1,4 +1,5 @@
-"""The BiT ResNet-v2 model: architecture facts from ../shared/REFERENCE.md §1."""
+"""The BiT ResNet-v2 model (paper arXiv 1912.11370 §2.1; google-research/big_transfer
+bit_jax/models.py; timm resnetv2.py)."""
 
 import functools
 
@@ -11,7 +12,8 @@ from big_transfer import models
 from big_transfer.errors import UserError
 from big_transfer.models import bit
 
-# REFERENCE.md §1: parameters of the released checkpoints (backbone, +1000 head, +21843 head).
+# Parameters of the released checkpoints (backbone, +1000 head, +21843 head), from their array
+# shapes; timm's resnetv2_*_bit model cards list the same counts in millions.
 PARAM_COUNTS = {
     "R50x1": (23_500_352, 25_549_352, 68_256_659),
     "R101x1": (42_492_480, 44_541_480, 87_248_787),
@@ -20,7 +22,7 @@ PARAM_COUNTS = {
     "R152x2": (232_238_208, 236_335_208, 321_728_979),
     "R152x4": (928_340_224, 936_533_224, 1_107_299_923),
 }
-ROUNDED = {  # The table's rounded millions, to tie the exact figures above to the reference.
+ROUNDED = {  # timm's rounded millions, to tie the exact figures above to them.
     "R50x1": (23.50, 25.55, 68.26), "R101x1": (42.49, 44.54, 87.25),
     "R50x3": (211.17, 217.32, 345.40), "R101x3": (381.79, 387.93, 516.02),
     "R152x2": (232.24, 236.34, 321.73), "R152x4": (928.34, 936.53, 1107.30),
@@ -98,3 +100,44 @@ def test_zero_head_and_pre_logits():
 def test_unknown_model_names_valid_choices():
   with pytest.raises(UserError, match=r"Unknown model 'R50x5'; valid: R14x1, .*R152x4"):
     models.get_model("R50x5", 10)
+
+
+def test_for_cpu_form_is_the_same_function():
+  """for_cpu (1x1 convolutions as matmuls, GroupNorm sums per channel first) changes only
+  the summation order: the same parameters give the same logits and gradients."""
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  labels = jax.nn.one_hot(jnp.arange(2), 10)
+  params = jax.jit(models.get_model("R14x1", 10).init)(jax.random.key(0), x)["params"]
+  # A random head (not BiT's zero init), so that the logits depend on every layer.
+  params["head"]["conv2d"]["kernel"] = jax.random.normal(jax.random.key(2), (2048, 10)) * 0.1
+  outputs = {}
+  for for_cpu in (False, True):
+    model = models.get_model("R14x1", 10, for_cpu=for_cpu)
+
+    def loss(params, model=model):
+      logits = model.apply({"params": params}, x)
+      return -jnp.sum(labels * jax.nn.log_softmax(logits)), logits
+
+    convs = str(jax.make_jaxpr(loss)(params)).count("conv_general_dilated")
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    outputs[for_cpu] = logits, grads, convs
+  (logits, grads, convs), (cpu_logits, cpu_grads, cpu_convs) = outputs[False], outputs[True]
+  # R14x1: root + 4 units x 3 + 4 projections; only the root and the 3x3s stay convolutions.
+  assert (convs, cpu_convs) == (1 + 4 * 3 + 4, 1 + 4)
+  np.testing.assert_allclose(cpu_logits, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+  for a, b in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def test_per_channel_group_norm_matches_a_float64_reference():
+  """Two-pass statistics in float32 on activations with a large mean (a one-pass variance,
+  E[x^2] - E[x]^2, would lose most digits here), per group of 4 channels."""
+  rng = np.random.default_rng(0)
+  x = (300 + rng.normal(size=(2, 5, 6, 16)) * rng.uniform(0.01, 2, 16)).astype(np.float32)
+  gamma, beta = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
+  xg = x.astype(np.float64).reshape(2, 5, 6, 4, 4)
+  mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+  var = ((xg - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+  expected = ((xg - mean) / np.sqrt(var + 1e-5)).reshape(x.shape) * gamma + beta
+  out = bit.group_norm_per_channel(jnp.asarray(x), gamma, beta, groups=4, eps=1e-5)
+  np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)

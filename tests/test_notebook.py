@@ -15,7 +15,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-from conftest import CIFAR10, ROOT, train_env
+from conftest import ROOT, train_env
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
 import compact_npz  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -55,16 +55,14 @@ def _kernel(tmp_path) -> KernelManager:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, cifar10_dir):
   """The notebook executed on a 3-class CIFAR-10 folder from an R14x1 .npz (10-class head)."""
-  if not CIFAR10.is_dir():
-    pytest.skip(f"CIFAR-10 image folder not at {CIFAR10} (set BIT_CIFAR10)")
   tmp = tmp_path_factory.mktemp("notebook")
   folder = tmp / "cifar3"
   for split, count in (("train", 6), ("test", TEST_IMAGES)):
     for name in CLASSES:
       (folder / split / name).mkdir(parents=True)
-      for path in sorted((CIFAR10 / split / name).iterdir())[:count]:
+      for path in sorted((cifar10_dir / split / name).iterdir())[:count]:
         shutil.copy(path, folder / split / name)
   npz = str(tmp / "BiT-M-R14x1.npz")
   fixture = compact_npz.load_fixture(compact_npz.fixture_path("timm_bit_r14x1.npz"))

@@ -103,7 +103,7 @@ def test_upstream_schedules_at_boundaries(name, num_examples, total, boundaries)
     (500, (6000, 12000, 18000), 20_000),  # >= 500k.
 ])
 def test_hyperrule_schedules_at_boundaries(warmup, decays, total):
-  """BiT-HyperRule: lr 0.003 at batch 512, REFERENCE §4's three regimes."""
+  """BiT-HyperRule: lr 0.003 at batch 512, the paper's three regimes (§3.3)."""
   config = ml_collections.ConfigDict({
       "lr": 0.003, "lr_batch_ref": 512, "batch_size": 512, "total_steps": total,
       "schedule": {"kind": "stair", "decay_factor": 0.1, "warmup_steps": warmup,

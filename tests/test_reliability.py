@@ -15,10 +15,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from big_transfer import checkpoints, workdirs
+from big_transfer import checkpoints, config_common, trainer, workdirs
 from big_transfer.errors import TrainingError, UserError
 from big_transfer.tools import fault_matrix
-from conftest import ROOT, error_line, run_cli
+from configs import demo
+from conftest import ROOT, TINY_CONFIG, error_line, run_cli
 
 # ---- The workdir lock -----------------------------------------------------------------------
 
@@ -111,6 +112,18 @@ def test_a_config_change_that_breaks_resumption_is_refused(tmp_path):
   with pytest.raises(UserError, match=r"model\.name='R14x1', this config has 'R26x1'"):
     workdirs.check_resumable(_config(**{"model.name": "R26x1"}), str(tmp_path))
   assert workdirs.finalized_steps(str(tmp_path)) == [4]
+
+
+def test_run_refuses_to_resume_another_run_and_writes_nothing(tmp_path, data_dir):
+  """trainer.run checks a workdir's config.json before it restores or writes anything."""
+  config = config_common.with_overrides(demo.get_config(), {**TINY_CONFIG, "data_dir": data_dir})
+  workdirs.record_config(config, ["a", "b"], str(tmp_path))
+  (tmp_path / "checkpoints" / "2").mkdir(parents=True)  # The step a killed run had reached.
+  before = fault_matrix.snapshot(str(tmp_path))
+  with pytest.raises(UserError, match=r"holds a run with batch_size=16, this config has 32: "):
+    trainer.run(config_common.with_overrides(config, {"batch_size": 32}), str(tmp_path))
+  assert fault_matrix.snapshot(str(tmp_path)).files == before.files
+  assert sorted(os.listdir(tmp_path)) == ["checkpoints", "class_names.json", "config.json"]
 
 
 # ---- Checkpoints: verified on restore, another model's refused --------------------------------
@@ -222,8 +235,6 @@ def test_fault_matrix_subset(tmp_path, data_dir):
      "workdir writable, then rerun the same command to resume from its newest checkpoint."),
 ])
 def test_a_failing_machine_ends_in_one_line(monkeypatch, tmp_path, error, line):
-  from big_transfer import trainer  # pylint: disable=g-import-not-at-top
-
   def fail(config, workdir):
     raise error
 

@@ -4,6 +4,7 @@ labels, top-5 evaluation, and the results table's means."""
 import csv
 import json
 import os
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +13,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import flags
 
-from big_transfer import evaluate, sharding, tabulate
+from big_transfer import evaluate, sharding, tabulate, transfer
 from big_transfer.data import datasets, labels, pipeline, tasks
 from big_transfer.errors import UserError
+from configs import transfer as transfer_config
 
 # The 19 tasks of VTAB-1k (Zhai et al. 2019, arXiv 1910.04867): group and classes, and what
 # google-research/task_adaptation (scripts/run_all_tasks.sh, task_adaptation/data/*.py) loads
@@ -77,6 +79,38 @@ def test_vtab_splits_follow_task_adaptation(name):
   splits = tasks.get(tasks.VTAB_PREFIX + name).vtab.tfds_splits(counts)
   assert splits == {"train800": "train[:800]", "val200": val200,
                     "train800val200": f"train[:800]+{val200}", "test": test}
+
+
+class _UnpreparedData:
+  """What transfer.resolve reads of a VTAB dataset (counts, image size), without its data."""
+  name, num_classes = "fake", 16
+  builder = types.SimpleNamespace(info=types.SimpleNamespace(splits={
+      split: types.SimpleNamespace(num_examples=10_000)
+      for split in ("train", "validation", "test")}))
+
+  def check_split(self, split):
+    pass
+
+  def num_examples(self, split):
+    return 1000
+
+  def image_area(self, split):
+    return 64 * 64
+
+
+def test_vtab_augmentation_exceptions_reach_the_preprocessing(monkeypatch):
+  """From each task through configs/transfer.py and the HyperRule to the training and
+  test-resolution preprocessing: no random flip where it changes the label, no random crop
+  where position, count or size is the label, dSprites' 0/1 pixels scaled to 0..255."""
+  monkeypatch.setattr(transfer.datasets, "get", lambda *args: _UnpreparedData())
+  for name in VTAB_PAPER:
+    config = transfer.resolve(transfer_config.get_config(f"task=vtab/{name},model=R14x1")).config
+    decode = "decode|scale(255)" if name.startswith("dsprites") else "decode"
+    flip = "" if name in NO_FLIP else "|flip_lr"
+    resize = "resize(128)" if name in NO_CROP else "resize(160)|random_crop(128)"
+    assert config.pp_train == f"{decode}|{resize}{flip}|value_range(-1, 1)", name
+    assert config.test_res.pp == f"{decode}|resize(128){flip}|value_range(-1, 1)", name
+    assert config.pp_eval == f"{decode}|resize(128)|value_range(-1, 1)", name
 
 
 @pytest.mark.parametrize("name", sorted(VTAB_PAPER))

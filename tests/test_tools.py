@@ -19,7 +19,7 @@ from big_transfer import (checkpoints, config_common, export, models, plot, pred
 from big_transfer.data import preprocess
 from big_transfer.errors import UserError
 from configs import demo
-from conftest import CIFAR10, TINY_CONFIG
+from conftest import TINY_CONFIG
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
 import compact_npz  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -28,19 +28,19 @@ CLASSES = ["airplane", "bird", "cat"]
 
 
 @pytest.fixture(scope="module")
-def images():
+def images(cifar10_dir):
   """One CIFAR-10 test image per class of CLASSES (32x32 JPEG)."""
-  return [str(sorted((CIFAR10 / "test" / name).iterdir())[0]) for name in CLASSES]
+  return [str(sorted((cifar10_dir / "test" / name).iterdir())[0]) for name in CLASSES]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, cifar10_dir):
   """A 4-step R14x1 run on a 3-class image folder (CIFAR-10 images)."""
   root = tmp_path_factory.mktemp("folder")
   for split, start, count in (("train", 10, 8), ("test", 20, 4)):
     for name in CLASSES:
       (root / split / name).mkdir(parents=True)
-      for path in sorted((CIFAR10 / "test" / name).iterdir())[start:start + count]:
+      for path in sorted((cifar10_dir / "test" / name).iterdir())[start:start + count]:
         shutil.copy(path, root / split / name)
   config = config_common.with_overrides(demo.get_config(), {
       **TINY_CONFIG, "dataset": f"folder:{root}", "num_classes": len(CLASSES),

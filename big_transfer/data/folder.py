@@ -10,6 +10,7 @@ import os
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 from big_transfer.errors import UserError
 
@@ -17,32 +18,31 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 LAYOUT = "ROOT/<split>/<class>/*.jpg|jpeg|png"
 
 
-def _subfolders(path: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(path) if e.is_dir())
+def _subfolders(path: epath.Path) -> list[epath.Path]:
+  return sorted(p for p in path.iterdir() if p.is_dir())
 
 
 def check_layout(root: str) -> None:
   """UserError for a missing root, a split without class folders or an empty class folder."""
-  if not os.path.isdir(root):
+  if not epath.Path(root).is_dir():
     raise UserError(f"Image folder {root!r} does not exist; expected {LAYOUT}.")
-  splits = _subfolders(root)
+  splits = _subfolders(epath.Path(root))
   if not splits:
     raise UserError(f"Image folder {root!r} has no split folders; expected {LAYOUT}.")
-  for split in splits:
-    split_dir = os.path.join(root, split)
+  for split_dir in splits:
     classes = _subfolders(split_dir)
     if not classes:
-      raise UserError(f"Split folder {split_dir!r} has no class folders; expected {LAYOUT}.")
-    for name in classes:
-      class_dir = os.path.join(split_dir, name)
-      if not any(_is_image(f) for f in os.listdir(class_dir)):
-        raise UserError(f"Class folder {class_dir!r} has no {'/'.join(IMAGE_EXTENSIONS)} images; "
-                         "add images or remove the folder.")
+      raise UserError(f"Split folder {os.fspath(split_dir)!r} has no class folders; expected "
+                      f"{LAYOUT}.")
+    for class_dir in classes:
+      if not any(_is_image(p.name) for p in class_dir.iterdir()):
+        raise UserError(f"Class folder {os.fspath(class_dir)!r} has no "
+                        f"{'/'.join(IMAGE_EXTENSIONS)} images; add images or remove the folder.")
       for nested in _subfolders(class_dir):  # Rare: only then is a second level listed.
-        if any(_is_image(f) for f in os.listdir(os.path.join(class_dir, nested))):
-          raise UserError(f"Folder {os.path.join(class_dir, nested)!r} holds images one level "
-                           f"too deep, where they would be ignored; expected {LAYOUT}: move "
-                           "them up into the class folder.")
+        if any(_is_image(p.name) for p in nested.iterdir()):
+          raise UserError(f"Folder {os.fspath(nested)!r} holds images one level too deep, "
+                          f"where they would be ignored; expected {LAYOUT}: move them up into "
+                          "the class folder.")
 
 
 def _is_image(name: str) -> bool:

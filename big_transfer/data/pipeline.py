@@ -151,7 +151,7 @@ def train_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_ba
                    seed: int, start_step: int = 0, shuffle_buffer: int = 10_000,
                    cache: bool = False, subset: np.ndarray | None = None,
                    deterministic: bool = True, process_index: int = 0,
-                   process_count: int = 1) -> Iterator[dict]:
+                   process_count: int = 1, repeats: int = 1) -> Iterator[dict]:
   """Endless shuffled, augmented batches, positioned at `start_step` for exact resumption.
 
   The order and every random draw depend only on (seed, example position), so batch k is the
@@ -159,6 +159,12 @@ def train_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_ba
   examples, cached in memory after one pass over the split. `deterministic=False` lets reads
   and decoding finish out of order: faster, but batches are no longer reproducible (nor the
   resumption exact, nor the undecodable-file report sure to find the file).
+
+  `repeats` r > 1: repeated augmentation (Hoffer et al. 2020; ResNet strikes back uses 3).
+  Each example read from this process's shard comes r times in a row, each copy at its own
+  stream position and so with its own augmentation draws; the shards stay disjoint, so the
+  processes hold distinct copies of distinct images. Steps and epochs count the copies, as
+  timm's RepeatAugSampler does (an epoch sees 1/r of the images, r times each).
   """
   # A buffer beyond the shard only mixes epochs, and takes that many reads to fill.
   shard_size = _shard_sizes(dataset, split, process_count, subset)[process_index]
@@ -170,6 +176,8 @@ def train_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_ba
       ds = ds.cache()
     stream = ds.repeat().shuffle(min(shuffle_buffer, shard_size), seed=seed,
                                  reshuffle_each_iteration=True)
+    if repeats > 1:
+      stream = stream.flat_map(lambda x: tf.data.Dataset.from_tensors(x).repeat(repeats))
     return stream.enumerate().skip(start_step * local_batch)  # Skipping costs reads only.
 
   example_fn = _example_fn(dataset, pp_spec, seed)
@@ -203,6 +211,18 @@ def eval_iterator(dataset: datasets.Dataset, split: str, pp_spec: str, local_bat
     yield _pad(batch, local_batch)
   for _ in range(steps):
     yield _pad(empty, local_batch)
+
+
+def eval_positions(dataset: datasets.Dataset, split: str, *, subset: np.ndarray | None = None,
+                   process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """The positions of the examples `eval_iterator` yields on this process, in order (its
+  real rows; padding excluded)."""
+  sizes = _shard_sizes(dataset, split, process_count, None)
+  start = sum(sizes[:process_index])
+  stop = start + sizes[process_index]
+  if subset is None:
+    return np.arange(start, stop)
+  return subset[(subset >= start) & (subset < stop)]
 
 
 def _pad(batch: dict, size: int) -> dict:

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import tensorflow as tf
 
 from big_transfer import hyperrule as rule
+from big_transfer.data import randaugment
 from big_transfer.errors import UserError
 
 Op = Callable[[dict], dict]
@@ -158,6 +159,34 @@ def _resize(image: tf.Tensor, size: int, method: str = "bilinear") -> tf.Tensor:
 def resize(size: int, method: str = "bilinear") -> Op:
   """Resizes to size x size (aspect not kept, as BiT does), keeping the dtype."""
   return _image_op(lambda image: _resize(image, size, method))
+
+
+@register
+def resize_small(size: int, method: str = "bilinear") -> Op:
+  """Resizes the shorter side to `size`, keeping the aspect (timm's evaluation resize)."""
+  def fn(image):
+    h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+    scale = size / tf.minimum(h, w)
+    shape = tf.cast(tf.round(tf.stack([h * scale, w * scale])), tf.int32)
+    resized = tf.image.resize(image, shape, method, antialias=True)
+    if image.dtype == tf.uint8:
+      return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    return resized
+  return _image_op(fn)
+
+
+@register
+def randaug(num_layers: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5) -> Op:
+  """RandAugment on uint8 pixels (before value_range): `num_layers` ops, each applied with
+  probability 1/2 at a magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10], timm's
+  "rand-m{magnitude}-mstd{magnitude_std}-inc1" (big_transfer/data/randaugment.py)."""
+  def op(example):
+    example, seed = _next_seed(example)
+    if example["image"].dtype != tf.uint8:
+      raise ValueError("randaug takes uint8 pixels: put it before value_range")
+    return {**example, "image": randaugment.randaugment(
+        example["image"], seed, int(num_layers), float(magnitude), float(magnitude_std))}
+  return op
 
 
 @register

@@ -33,7 +33,9 @@ def get_model(name: str, num_classes: int, **options) -> bit.ResNetV2:
   """The BiT ResNet-v2 `name` with `num_classes` outputs (0: pre-logits only).
 
   Options: dtype (compute dtype, default float32), head_zero_init (default True),
-  head_bias_init (default 0).
+  head_bias_init (default 0), for_cpu (the same function as XLA:CPU runs it fastest);
+  training-recipe options residual_gain, drop_path_rate and avg_down (default off, see
+  bit.ResNetV2).
   """
   layers, width = parse_name(name)
   return bit.ResNetV2(num_classes=num_classes, layers=layers, width=width, **options)

@@ -1,9 +1,14 @@
 """BiT ResNet-v2: pre-activation bottlenecks with GroupNorm + Weight Standardization.
 
-Exact to the released BiT checkpoints (../shared/REFERENCE.md §1). Parameter names follow the
+Exact to the released BiT checkpoints (paper arXiv 1912.11370 §2.1, official
+google-research/big_transfer bit_jax/models.py). Parameter names follow the
 official `.npz` key scheme (`root_block/standardized_conv2d/kernel`,
 `block1/unit01/a/group_norm/gamma`, ..., `head/conv2d/kernel`), so mapping a checkpoint is a
 rename of the `resnet/` prefix plus the head kernel's (1, 1, C, N) <-> (C, N) reshape.
+
+`for_cpu=True` computes the same function in the form XLA:CPU runs fastest (1x1 convolutions
+as matmuls, GroupNorm statistics per channel first; docs/performance.md has the measurements).
+The trainer sets it when its devices are CPUs, so TPU and GPU programs are not affected.
 """
 
 from typing import Any, Sequence
@@ -33,6 +38,27 @@ def standardize(kernel: jax.Array, eps: float = WS_EPS) -> jax.Array:
   return (kernel - mean) * jax.lax.rsqrt(var + eps)
 
 
+def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
+         for_cpu: bool = False) -> jax.Array:
+  """NHWC x HWIO convolution with symmetric zero padding.
+
+  `for_cpu`: an unpadded 1x1 convolution runs as a matmul of (N*H*W, C) rows by the (C, K)
+  kernel (after a strided slice at stride 2), the same sums. XLA:CPU computes the weight
+  gradient of a 1x1 convolution as a convolution whose window is the whole image, between
+  transposes, several times slower than the matmul it is; the 2-D form also spares the
+  transposed copy of the gradient that a 4-D dot_general gets. bfloat16 operands are
+  accumulated in float32 (YNNPACK's fast bfloat16 path), rounded to bfloat16 once at the end
+  as the convolution's output is.
+  """
+  if for_cpu and kernel.shape[:2] == (1, 1) and not padding:
+    x = x[:, ::strides, ::strides]
+    out = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel[0, 0],
+                     preferred_element_type=jnp.float32)
+    return out.astype(x.dtype).reshape(x.shape[:-1] + kernel.shape[-1:])
+  return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(padding, padding)] * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 class StdConv(nn.Module):
   """Bias-free convolution whose raw float32 kernel is standardized on every forward pass."""
   features: int
@@ -40,6 +66,7 @@ class StdConv(nn.Module):
   strides: int = 1
   padding: int = 0  # Symmetric zero padding: `SAME` is asymmetric at stride 2.
   dtype: Any = jnp.float32
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -47,9 +74,27 @@ class StdConv(nn.Module):
     kernel = self.param("kernel", nn.initializers.he_normal(),
                         (k, k, x.shape[-1], self.features), jnp.float32)
     kernel = standardize(kernel).astype(self.dtype)
-    return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel, (self.strides, self.strides),
-        [(self.padding, self.padding)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv(x.astype(self.dtype), kernel, self.strides, self.padding, self.for_cpu)
+
+
+def group_norm_per_channel(x: jax.Array, gamma: jax.Array, beta: jax.Array, groups: int,
+                           eps: float) -> jax.Array:
+  """GroupNorm of NHWC `x` with the grouped form's two-pass statistics, each sum taken over
+  H and W per channel first and then over the channels of a group.
+
+  The same mean and variance in another summation order: XLA:CPU reduces a group's
+  interleaved (H, W, channel) elements several times slower than it reduces H and W.
+  """
+  n, c = x.shape[0], x.shape[-1]
+  count = x.size // (n * groups)
+
+  def group_mean(per_channel_sums):  # (n, c) -> (n, 1, 1, c): each channel its group's mean.
+    sums = per_channel_sums.reshape(n, groups, c // groups).sum(axis=-1, keepdims=True)
+    return jnp.broadcast_to(sums / count, (n, groups, c // groups)).reshape(n, 1, 1, c)
+
+  centered = x - group_mean(jnp.sum(x, axis=(1, 2)))
+  var = group_mean(jnp.sum(jnp.square(centered), axis=(1, 2)))
+  return centered * (jax.lax.rsqrt(var + eps) * gamma) + beta
 
 
 class GroupNorm(nn.Module):
@@ -61,6 +106,7 @@ class GroupNorm(nn.Module):
   groups: int = GN_GROUPS
   eps: float = GN_EPS
   dtype: Any = jnp.float32
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -69,6 +115,9 @@ class GroupNorm(nn.Module):
       raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.groups} groups.")
     gamma = self.param("gamma", nn.initializers.ones, (c,), jnp.float32)
     beta = self.param("beta", nn.initializers.zeros, (c,), jnp.float32)
+    if self.for_cpu:
+      return group_norm_per_channel(x.astype(jnp.float32), gamma, beta, self.groups,
+                                    self.eps).astype(self.dtype)
     xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.groups, c // self.groups))
     axes = (1, 2, 4)  # H, W and the channels of one group.
     mean = jnp.mean(xg, axis=axes, keepdims=True)
@@ -78,14 +127,28 @@ class GroupNorm(nn.Module):
 
 
 class Projection(nn.Module):
-  """A block's 1x1 shortcut projection (official scope `a/proj`)."""
+  """A block's 1x1 shortcut projection (official scope `a/proj`).
+
+  `avg_down`: ResNet-D (Bag of Tricks, He et al. 2019, arXiv 1812.01187, §4.2): a strided
+  projection becomes a 2x2 average pool with the stride, then a 1x1 conv with stride 1, so no
+  activation is skipped. Odd sizes pool the last partial window over its valid pixels (timm's
+  ceil_mode, count_include_pad=False), matching the 3x3 branch's ceil(size / stride). Same
+  parameters either way.
+  """
   features: int
   strides: int
   dtype: Any = jnp.float32
+  avg_down: bool = False
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x):
-    return StdConv(self.features, 1, self.strides, dtype=self.dtype,
+    strides = self.strides
+    if self.avg_down and strides > 1:
+      pad = [(0, -size % strides) for size in x.shape[1:3]]
+      x = nn.avg_pool(x, (strides, strides), (strides, strides), pad, count_include_pad=False)
+      strides = 1
+    return StdConv(self.features, 1, strides, dtype=self.dtype, for_cpu=self.for_cpu,
                    name="standardized_conv2d")(x)
 
 
@@ -101,16 +164,18 @@ class PreActConv(nn.Module):
   projection: int = 0
   projection_strides: int = 1
   dtype: Any = jnp.float32
+  avg_down: bool = False
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(GroupNorm(dtype=self.dtype, name="group_norm")(x))
+    x = nn.relu(GroupNorm(dtype=self.dtype, for_cpu=self.for_cpu, name="group_norm")(x))
     shortcut = None
     if self.projection:
       shortcut = Projection(self.projection, self.projection_strides, dtype=self.dtype,
-                            name="proj")(x)
+                            avg_down=self.avg_down, for_cpu=self.for_cpu, name="proj")(x)
     y = StdConv(self.features, self.kernel_size, self.strides, self.kernel_size // 2,
-                dtype=self.dtype, name="standardized_conv2d")(x)
+                dtype=self.dtype, for_cpu=self.for_cpu, name="standardized_conv2d")(x)
     return y, shortcut
 
 
@@ -119,34 +184,67 @@ class Unit(nn.Module):
 
   a = relu(GN(x)); shortcut = proj(a) in a block's first unit, else x;
   y = conv1x1(a) -> relu(GN) -> conv3x3 with the stride -> relu(GN) -> conv1x1; y + shortcut.
+
+  Options (all off by default, the released architecture):
+    residual_gain: y is multiplied by a per-channel `residual_gain` parameter starting at
+      zero, so each unit starts as its shortcut: Bag of Tricks' zero-gamma (§3.1) for a
+      pre-activation GN+WS unit, whose branch ends in a WS conv (zeroing that kernel is
+      degenerate: standardization divides by sqrt(eps)); SkipInit (De & Smith 2020) with a
+      vector. Not weight-decayed under the default `wd_mask` (kernels only).
+    drop_rate: stochastic depth (Huang et al. 2016): in training (`deterministic` False) the
+      branch of each example is dropped with this probability and scaled by 1/(1 - rate)
+      otherwise (timm's DropPath); draws from the "drop_path" rng.
+    avg_down: ResNet-D shortcut, see Projection.
   """
   mid: int
   strides: int = 1
   projection: bool = False
   dtype: Any = jnp.float32
+  residual_gain: bool = False
+  drop_rate: float = 0.0
+  avg_down: bool = False
+  for_cpu: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic: bool = True):
     out = 4 * self.mid
+    options = dict(dtype=self.dtype, for_cpu=self.for_cpu)
     y, shortcut = PreActConv(self.mid, 1, projection=out if self.projection else 0,
-                             projection_strides=self.strides, dtype=self.dtype, name="a")(x)
-    y, _ = PreActConv(self.mid, 3, self.strides, dtype=self.dtype, name="b")(y)
-    y, _ = PreActConv(out, 1, dtype=self.dtype, name="c")(y)
+                             projection_strides=self.strides, avg_down=self.avg_down,
+                             name="a", **options)(x)
+    y, _ = PreActConv(self.mid, 3, self.strides, name="b", **options)(y)
+    y, _ = PreActConv(out, 1, name="c", **options)(y)
+    if self.residual_gain:
+      y = y * self.param("residual_gain", nn.initializers.zeros, (out,), jnp.float32
+                         ).astype(y.dtype)
+    if self.drop_rate and not deterministic:
+      keep = jax.random.bernoulli(self.make_rng("drop_path"), 1.0 - self.drop_rate,
+                                  (y.shape[0], 1, 1, 1))
+      y = jnp.where(keep, y / (1.0 - self.drop_rate), 0).astype(y.dtype)
     return y + (x if shortcut is None else shortcut)
 
 
 class Block(nn.Module):
-  """`units` bottleneck units; the first projects the shortcut and carries the stride."""
+  """`units` bottleneck units; the first projects the shortcut and carries the stride.
+
+  `drop_rates`: each unit's stochastic-depth rate (empty: none); the other options as Unit's.
+  """
   units: int
   mid: int
   strides: int
   dtype: Any = jnp.float32
+  residual_gain: bool = False
+  drop_rates: Sequence[float] = ()
+  avg_down: bool = False
+  for_cpu: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic: bool = True):
     for u in range(1, self.units + 1):
       x = Unit(self.mid, self.strides if u == 1 else 1, projection=(u == 1),
-               dtype=self.dtype, name=f"unit{u:02d}")(x)
+               dtype=self.dtype, residual_gain=self.residual_gain,
+               drop_rate=self.drop_rates[u - 1] if self.drop_rates else 0.0,
+               avg_down=self.avg_down, for_cpu=self.for_cpu, name=f"unit{u:02d}")(x, deterministic)
     return x
 
 
@@ -158,10 +256,11 @@ class Root(nn.Module):
   """
   features: int
   dtype: Any = jnp.float32
+  for_cpu: bool = False
 
   @nn.compact
   def __call__(self, x):
-    x = StdConv(self.features, 7, 2, padding=3, dtype=self.dtype,
+    x = StdConv(self.features, 7, 2, padding=3, dtype=self.dtype, for_cpu=self.for_cpu,
                 name="standardized_conv2d")(x)
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
@@ -180,11 +279,23 @@ class Head(nn.Module):
                     bias_init=nn.initializers.constant(self.bias_init), name="conv2d")(features)
 
 
+def drop_path_rates(layers: Sequence[int], rate: float) -> list[tuple[float, ...]]:
+  """Per block, each unit's stochastic-depth rate: linear over all units from 0 to `rate`
+  (timm's ResNets; Huang et al. 2016's linear decay rule). [] when `rate` is 0."""
+  if not rate:
+    return []
+  total = sum(layers)
+  rates = [rate * i / max(total - 1, 1) for i in range(total)]
+  starts = [sum(layers[:b]) for b in range(len(layers))]
+  return [tuple(rates[s:s + n]) for s, n in zip(starts, layers)]
+
+
 class ResNetV2(nn.Module):
   """BiT ResNet-v2 mapping NHWC images in [-1, 1] to float32 logits.
 
   `model.apply(variables, images, pre_logits=True)` returns the pooled pre-logits instead
-  (for linear evaluation and few-shot probes).
+  (for linear evaluation and few-shot probes). `train=True` turns stochastic depth on (then
+  pass `rngs={"drop_path": key}`); without it the output is deterministic.
 
   Attributes:
     num_classes: head outputs; 0 builds no head and returns pre-logits.
@@ -193,6 +304,10 @@ class ResNetV2(nn.Module):
     dtype: compute dtype; parameters and GroupNorm statistics stay float32.
     head_zero_init: zero head kernel (BiT transfer). The bias is `head_bias_init`, e.g. -10
       for sigmoid pretraining on many labels.
+    Training-recipe options, off by default (see Unit): residual_gain (zero-initialised
+    residual gains), drop_path_rate (stochastic depth rising linearly over the units from 0
+    at the first to this rate at the last, as timm's ResNets), avg_down (ResNet-D shortcuts).
+    for_cpu: the same function in the form XLA:CPU runs fastest (see the module docstring).
   """
   num_classes: int
   layers: Sequence[int] = DEPTHS[50]
@@ -200,15 +315,21 @@ class ResNetV2(nn.Module):
   dtype: Any = jnp.float32
   head_zero_init: bool = True
   head_bias_init: float = 0.0
+  residual_gain: bool = False
+  drop_path_rate: float = 0.0
+  avg_down: bool = False
+  for_cpu: bool = False
 
   @nn.compact
-  def __call__(self, x, *, pre_logits: bool = False):
+  def __call__(self, x, *, pre_logits: bool = False, train: bool = False):
     root = 64 * self.width
-    x = Root(root, dtype=self.dtype, name="root_block")(x)
+    x = Root(root, dtype=self.dtype, for_cpu=self.for_cpu, name="root_block")(x)
+    rates = drop_path_rates(self.layers, self.drop_path_rate)
     for b, units in enumerate(self.layers, start=1):
       x = Block(units, root * 2 ** (b - 1), 1 if b == 1 else 2, dtype=self.dtype,
-                name=f"block{b}")(x)
-    x = nn.relu(GroupNorm(dtype=self.dtype, name="group_norm")(x))
+                residual_gain=self.residual_gain, drop_rates=rates[b - 1] if rates else (),
+                avg_down=self.avg_down, for_cpu=self.for_cpu, name=f"block{b}")(x, not train)
+    x = nn.relu(GroupNorm(dtype=self.dtype, for_cpu=self.for_cpu, name="group_norm")(x))
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if pre_logits or not self.num_classes:
       return features

@@ -1,0 +1,117 @@
+"""The training-step benchmark command: its JSON, its figures' consistency, its errors.
+
+No timing thresholds: the machine is shared. The timm comparison runs only where an
+interpreter with torch and timm is named by BIT_TIMM_PYTHON (none in CI).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import ROOT, error_line, train_env
+
+from big_transfer import benchmark, metrics, models, plan, sharding, trainer
+from big_transfer.errors import UserError
+
+KEYS = ("img_per_sec", "step_s", "compile_s", "flops_per_step", "mfu", "peak_bytes", "device")
+TINY = ("--model=R14x1", "--resolution=32", "--batch_size=8", "--num_classes=10", "--steps=2",
+        "--warmup=1")
+
+
+def run_benchmark(*flags):
+  cmd = [sys.executable, "-m", "big_transfer.benchmark", *flags]
+  return subprocess.run(cmd, cwd=ROOT, env=train_env(1), capture_output=True, text=True,
+                        timeout=600)
+
+
+def _check(result: dict, images: int, flops: float):
+  assert all(result[k] is not None for k in KEYS if k != "compile_s"), result
+  assert len(result["step_times"]) == 2 and result["step_s"] > 0
+  assert result["img_per_sec"] == pytest.approx(images / result["step_s"])
+  assert result["flops_per_step"] == pytest.approx(flops)
+  assert result["mfu"] == pytest.approx(
+      flops / result["step_s"] / result["matmul_peak_flops"])
+  assert result["peak_bytes"] > 0
+
+
+def test_json_figures_are_consistent():
+  proc = run_benchmark(*TINY, "--json")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  flops = plan.analytic_train_flops("R14x1", (32, 32), 10) * 8
+  _check(result, 8, flops)
+  assert result["compile_s"] > 0 and "cpu" in result["device"]
+  # The compiler counts the same convolutions plus norms, WS and the update: near the model.
+  assert 0.9 < result["compiler_flops_per_step"] / flops < 1.5
+  assert "ours: " in proc.stdout and "img/s" in proc.stdout and "Load average" in proc.stdout
+
+
+def test_cpu_mesh_builds_the_cpu_form_of_the_model():
+  config = benchmark.make_config("R14x1", 8, "float32", "replicated", 1)
+  assert trainer.build(config, sharding.make_mesh(), 10, 8).model.for_cpu
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]'); CI has none")
+def test_tpu_mesh_keeps_the_conv_form():
+  """The planner's TPU programs stay as they were: for_cpu is for CPU devices only."""
+  config = benchmark.make_config("R14x1", 8, "float32", "replicated", 1)
+  mesh = sharding.make_mesh(plan.tpu_target("v3:2x2").devices)
+  assert not trainer.build(config, mesh, 10, 8).model.for_cpu
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--vs_timm", "--timm_python=/nonexistent/python"), "cannot be run"),
+    # The project's venv has no timm: the worker stops at its import, before any compile.
+    (("--vs_timm", f"--timm_python={sys.executable}"), "needs torch and timm"),
+])
+def test_timm_missing_is_one_line(flags, message):
+  assert message in error_line(run_benchmark(*TINY, *flags))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model": "R50x5"}, "Unknown model 'R50x5'"),
+    ({"steps": 0}, "Need --steps >= 1"),
+    ({"batch_split": 3}, "batch_split 3 must divide"),
+])
+def test_bad_input_is_a_user_error(overrides, message):
+  kwargs = {"model": "R14x1", "resolution": 32, "batch_size": 8, **overrides}
+  with pytest.raises(UserError, match=message):
+    benchmark.run(**kwargs)
+
+
+@pytest.mark.skipif(not os.environ.get("BIT_TIMM_PYTHON"),
+                    reason="set BIT_TIMM_PYTHON to an interpreter with torch and timm")
+def test_vs_timm_alternates_on_the_same_batch():
+  proc = run_benchmark(*TINY, "--json", "--vs_timm", "--block=1",
+                       f"--timm_python={os.environ['BIT_TIMM_PYTHON']}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  flops = plan.analytic_train_flops("R14x1", (32, 32), 10) * 8
+  _check(result["timm"], 8, flops)
+  shapes = jax.eval_shape(models.get_model("R14x1", 10).init, jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3)))
+  assert result["timm"]["details"]["params"] == sum(x.size for x in jax.tree.leaves(shapes))
+  assert result["ratio_vs_timm"] == pytest.approx(
+      result["img_per_sec"] / result["timm"]["img_per_sec"])
+  assert "Ratio ours / timm" in proc.stdout
+
+
+def test_train_throughput_leaves_out_evaluation_and_the_compiling_step(monkeypatch):
+  clock = [100.0]
+  monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+  progress = metrics.Progress(total_steps=30, batch_size=8, start_step=0)
+  clock[0] += 50  # Step 1 compiles ...
+  progress.restart(1)  # ... and the trainer restarts the count at its end.
+  clock[0] += 9  # Steps 2-10 take 1 s each.
+  assert progress.report(10) == {"img_per_sec": 8.0, "eta_sec": 20.0}
+  clock[0] += 5
+  with progress.paused():  # Evaluation.
+    clock[0] += 60
+  clock[0] += 5
+  assert progress.report(20)["img_per_sec"] == 8.0

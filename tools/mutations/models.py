@@ -1,0 +1,86 @@
+"""models/bit.py: GroupNorm, weight standardization, the residual unit, root and head."""
+
+from mutations import Mutation
+
+BIT = "big_transfer/models/bit.py"
+REF = "tests/test_reference_math.py"
+GN = f"{REF}::test_group_norm_matches_numpy_with_variance_near_eps"
+GN_BF16 = f"{REF}::test_group_norm_statistics_are_float32_in_a_bfloat16_model"
+WS = f"{REF}::test_weight_standardization_matches_numpy_with_variance_near_eps"
+TIMM = "tests/test_checkpoints.py::test_logits_and_pre_logits_match_timm"
+BF16_PARITY = "tests/test_checkpoints.py::test_bfloat16_compute_stays_close_to_float32"
+
+MUTATIONS = [
+    Mutation("gn_eps", BIT, "GN_EPS = 1e-5", "GN_EPS = 1e-6", (GN, TIMM),
+             "GroupNorm eps 1e-6 (flax's default) instead of 1e-5"),
+    Mutation("gn_stats_in_compute_dtype", BIT, "xg = x.astype(jnp.float32).reshape(",
+             "xg = x.astype(self.dtype).reshape(", (GN_BF16, GN, BF16_PARITY),
+             "GroupNorm statistics in bfloat16 in a bfloat16 model"),
+    Mutation("gn_groups", BIT, "GN_GROUPS = 32", "GN_GROUPS = 16", (GN, TIMM),
+             "16 GroupNorm groups instead of 32"),
+    Mutation("gn_layer_norm", BIT, "axes = (1, 2, 4)", "axes = (1, 2, 3, 4)", (GN, TIMM),
+             "statistics over all channels (LayerNorm), not per group"),
+    Mutation("gn_interleaved_groups", BIT,
+             "(self.groups, c // self.groups))\n    axes = (1, 2, 4)",
+             "(c // self.groups, self.groups))\n    axes = (1, 2, 3)", (GN, TIMM),
+             "groups of interleaved instead of consecutive channels"),
+    Mutation("gn_one_pass_variance", BIT,
+             "var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)",
+             "var = jnp.mean(jnp.square(xg), axis=axes, keepdims=True) - jnp.square(mean)",
+             (GN, TIMM), "one-pass variance E[x^2] - E[x]^2 (cancellation)"),
+    Mutation("gn_no_beta", BIT, "return (xg.reshape(x.shape) * gamma + beta)",
+             "return (xg.reshape(x.shape) * gamma)", (GN, TIMM), "GroupNorm offset dropped"),
+    Mutation("ws_axes_hw", BIT,
+             "mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)\n"
+             "  var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1, 2), keepdims=True)",
+             "mean = jnp.mean(kernel, axis=(0, 1), keepdims=True)\n"
+             "  var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1), keepdims=True)",
+             (WS, TIMM), "weight standardization over (H, W) instead of (H, W, In)"),
+    Mutation("ws_eps", BIT, "WS_EPS = 1e-10", "WS_EPS = 1e-8", (WS, TIMM),
+             "weight-standardization eps 1e-8 (timm's) instead of 1e-10"),
+    Mutation("ws_unbiased_variance", BIT,
+             "var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1, 2), keepdims=True)",
+             "var = jnp.var(kernel, axis=(0, 1, 2), ddof=1, keepdims=True)", (WS, TIMM),
+             "unbiased (n-1) kernel variance"),
+    Mutation("root_pool_pads_minus_inf", BIT,
+             "x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))\n"
+             "    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=\"VALID\")",
+             "return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))",
+             ("tests/test_models.py::test_root_pool_pads_with_zeros_not_minus_infinity", TIMM),
+             "root max-pool padded with -inf instead of zeros"),
+    Mutation("root_conv_padding", BIT, "StdConv(self.features, 7, 2, padding=3,",
+             "StdConv(self.features, 7, 2, padding=2,", (TIMM,),
+             "root conv padding 2 (SAME-like) instead of symmetric 3"),
+    Mutation("preact_without_relu", BIT,
+             "x = nn.relu(GroupNorm(dtype=self.dtype, name=\"group_norm\")(x))\n"
+             "    shortcut = None",
+             "x = GroupNorm(dtype=self.dtype, name=\"group_norm\")(x)\n    shortcut = None",
+             (TIMM,), "no ReLU after a unit's GroupNorm"),
+    Mutation("projection_of_raw_input", BIT,
+             "x = nn.relu(GroupNorm(dtype=self.dtype, name=\"group_norm\")(x))\n"
+             "    shortcut = None\n"
+             "    if self.projection:\n"
+             "      shortcut = Projection(self.projection, self.projection_strides, "
+             "dtype=self.dtype,\n"
+             "                            name=\"proj\")(x)",
+             "a = nn.relu(GroupNorm(dtype=self.dtype, name=\"group_norm\")(x))\n"
+             "    shortcut = None\n"
+             "    if self.projection:\n"
+             "      shortcut = Projection(self.projection, self.projection_strides, "
+             "dtype=self.dtype,\n"
+             "                            name=\"proj\")(x)\n"
+             "    x = a",
+             (TIMM,), "shortcut projection of the unit's input instead of relu(GN(input))"),
+    Mutation("stride_on_first_conv", BIT,
+             "projection_strides=self.strides, dtype=self.dtype, name=\"a\")(x)\n"
+             "    y, _ = PreActConv(self.mid, 3, self.strides, dtype=self.dtype, name=\"b\")(y)",
+             "projection_strides=self.strides, strides=self.strides, dtype=self.dtype,\n"
+             "                             name=\"a\")(x)\n"
+             "    y, _ = PreActConv(self.mid, 3, 1, dtype=self.dtype, name=\"b\")(y)",
+             (TIMM,), "stride on the 1x1 conv instead of the 3x3 (ResNet v1 style)"),
+    Mutation("head_not_zero_init", BIT,
+             "kernel_init = nn.initializers.zeros if self.zero_init else",
+             "kernel_init = nn.initializers.lecun_normal() if self.zero_init else",
+             ("tests/test_models.py::test_zero_head_and_pre_logits",),
+             "transfer head kernel not zero-initialised"),
+]
