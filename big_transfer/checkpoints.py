@@ -330,7 +330,8 @@ def _workdir_params(workdir: str) -> dict[str, np.ndarray]:
     raise UserError(f"Checkpoint {path} does not restore ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200]}); resume the run once to quarantine it, "
                     "or pass another checkpoint.") from None
-  flat = _flatten(params)
+  # A self-supervised run's projection head (objectives.py) is no part of the BiT model.
+  flat = {k: v for k, v in _flatten(params).items() if not k.startswith("projection/")}
   if HEAD_KERNEL in flat:
     flat[HEAD_KERNEL] = flat[HEAD_KERNEL][None, None]
   return flat

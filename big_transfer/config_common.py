@@ -52,6 +52,22 @@ def base() -> ml_collections.ConfigDict:
   config.init = ""
   config.init_head = "reset"
 
+  # What is minimised (big_transfer/objectives.py): "supervised" (`loss` on the labels) or
+  # "moco" (MoCo-v2 on two views of each image, labels unused; HPT, configs/hpt.py).
+  config.objective = "supervised"
+  config.moco = ml_collections.ConfigDict()
+  config.moco.queue_size = 65_536  # Negatives: keys of earlier batches (a multiple of batch).
+  config.moco.temperature = 0.2
+  config.moco.momentum = 0.999  # Of the key encoder's moving average.
+  config.moco.proj_hidden = 2048  # The 2-layer MLP projection head: hidden and output width.
+  config.moco.proj_dim = 128
+  # Self-supervised runs are evaluated by a ridge probe on the pre-logits fitted to this many
+  # random `train_split` examples per class (evaluate.ridge_probe).
+  config.probe_shots = 100
+  # Which parameters train: "all", or "norm_only" (GroupNorm scale/bias, the head and the
+  # projection; HPT's BN-only variant). Frozen ones are not updated, nor decayed.
+  config.trainable = "all"
+
   # Optimization. Durations: <name>_steps, _examples or _epochs (the first one set wins).
   config.loss = "softmax_xent"  # Or sigmoid_xent, bce (mean over classes), distill_kl.
   config.label_smoothing = 0.0  # Targets (1 - eps) y + eps / classes.

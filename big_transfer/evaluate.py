@@ -1,12 +1,14 @@
 """Evaluators. Classification: top-1 accuracy (precision@1 for multi-hot labels), top-5 (a
 correct class among the 5 highest logits) and loss over every example exactly once, padding
-masked out."""
+masked out. Linear probe: a ridge classifier fitted to frozen pre-logits (self-supervised
+objectives, whose models have no classifier)."""
 
 from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from big_transfer import sharding
 
@@ -36,3 +38,63 @@ def classification(step: Callable, params, batches: Iterable[dict], mesh) -> dic
   count = max(totals["count"], 1.0)
   return {"accuracy": totals["correct"] / count, "top5": totals["correct5"] / count,
           "loss": totals["loss"] / count, "count": totals["count"]}
+
+
+def make_features_step(features_fn: Callable):
+  """Jitted (params, batch) -> (pre-logits, labels, mask), global arrays."""
+  return jax.jit(lambda params, batch: (features_fn(params, batch["image"]), batch["labels"],
+                                        batch["mask"]))
+
+
+def features(step: Callable, params, batches: Iterable[dict], mesh) -> tuple[np.ndarray, ...]:
+  """(features, class indices) of every real example of `batches` (padding dropped), on every
+  process."""
+  chunks, labels = [], []
+  for batch in batches:
+    batch = {k: batch[k] for k in ("image", "labels", "mask")}
+    out = multihost_utils.process_allgather(step(params, sharding.to_global(batch, mesh)),
+                                            tiled=True)
+    x, onehot, mask = (np.asarray(a) for a in out)
+    chunks.append(x[mask].astype(np.float64))
+    labels.append(np.argmax(onehot[mask], axis=-1))
+  return np.concatenate(chunks), np.concatenate(labels)
+
+
+RIDGE_L2 = tuple(10.0 ** e for e in range(-2, 5))  # Relative to the mean eigenvalue.
+
+
+def ridge_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                test_y: np.ndarray, num_classes: int) -> dict[str, float]:
+  """A linear classifier on frozen features: ridge regression onto +-1 targets (big_vision's
+  few-shot probe), features standardised with the training set's statistics. Its L2 strength
+  is the one of RIDGE_L2 that classifies every 5th training example best when fitted to the
+  others; then it is fitted to all. Returns accuracy, top5, loss (the test squared error) and
+  count, as `classification` does."""
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  standard = lambda x: (x - mean) / std
+  targets = lambda y: 2.0 * np.eye(num_classes)[y] - 1.0
+  held = np.arange(len(train_x)) % 5 == 0
+
+  def fit(x, y):
+    """Weight functions of the L2 strength, from one eigendecomposition; bias by centring."""
+    x_mean, t = x.mean(0), targets(y)
+    t_mean = t.mean(0)
+    eigvals, eigvecs = np.linalg.eigh((x - x_mean).T @ (x - x_mean))
+    projected = eigvecs.T @ ((x - x_mean).T @ (t - t_mean))
+    scale = max(eigvals.mean(), 1e-12)
+
+    def predict(l2, queries):
+      weights = eigvecs @ (projected / (eigvals + l2 * scale)[:, None])
+      return (queries - x_mean) @ weights + t_mean
+    return predict
+
+  train_x, test_x = standard(train_x), standard(test_x)
+  predict = fit(train_x[~held], train_y[~held])
+  accuracy = lambda l2: np.mean(np.argmax(predict(l2, train_x[held]), -1) == train_y[held])
+  best = max(RIDGE_L2, key=lambda l2: (accuracy(l2), l2))
+  scores = fit(train_x, train_y)(best, test_x)
+  top5 = np.argsort(-scores, axis=-1)[:, :5]
+  return {"accuracy": float(np.mean(top5[:, 0] == test_y)),
+          "top5": float(np.mean(np.any(top5 == test_y[:, None], axis=-1))),
+          "loss": float(np.mean(np.square(scores - targets(test_y)))),
+          "count": float(len(test_y)), "l2": best}

@@ -94,7 +94,8 @@ OPTIMIZERS = ("sgd", "lamb")
 
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
-  """`config.optimizer` on the gradients clipped to `grad_clip_norm` (global norm) if set.
+  """`config.optimizer` on the gradients clipped to `grad_clip_norm` (global norm) if set, of
+  the `config.trainable` parameters only (only_trainable).
 
   "sgd": SGD with momentum and coupled L2 weight decay on the masked parameters (as in the
   paper's TF code): grad += wd * param before momentum, the gradient of wd/2 * ||param||^2.
@@ -115,8 +116,26 @@ def make_optimizer(config: ml_collections.ConfigDict,
               optax.add_decayed_weights(config.wd, mask=mask),
               optax.masked(optax.scale_by_trust_ratio(), mask),
               optax.scale_by_learning_rate(schedule)]
-    return optax.chain(*chain)
-  if config.wd:
-    chain.append(optax.add_decayed_weights(config.wd, mask=mask))
-  chain.append(optax.sgd(schedule, momentum=config.momentum))
-  return optax.chain(*chain)
+  else:
+    if config.wd:
+      chain.append(optax.add_decayed_weights(config.wd, mask=mask))
+    chain.append(optax.sgd(schedule, momentum=config.momentum))
+  return only_trainable(config.trainable, optax.chain(*chain))
+
+
+# `config.trainable`: None trains every parameter, a pattern the paths it fully matches.
+TRAINABLE = {"all": None,
+             "norm_only": r"(.*/)?group_norm/(gamma|beta)|head/.*|projection/.*"}
+
+
+def only_trainable(trainable: str,
+                   tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` on the parameters `trainable` names (TRAINABLE); the others get zero updates, so
+  they stay bitwise unchanged, and no optimizer state (nor weight decay)."""
+  if trainable not in TRAINABLE:
+    raise UserError(f"Unknown trainable {trainable!r}; valid: {', '.join(TRAINABLE)}.")
+  if TRAINABLE[trainable] is None:
+    return tx
+  labels = lambda params: jax.tree.map(lambda train: "train" if train else "freeze",
+                                       decay_mask(params, TRAINABLE[trainable]))
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

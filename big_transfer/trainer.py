@@ -22,8 +22,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from big_transfer import (checkpoints, evaluate, fewshot_eval, losses, metrics, models, optim,
-                          results, sharding, transfer, validate, workdirs)
+from big_transfer import (checkpoints, evaluate, fewshot_eval, losses, metrics, models,
+                          objectives, optim, results, sharding, transfer, validate, workdirs)
 from big_transfer.data import mixup, pipeline
 from big_transfer.errors import TrainingError, UserError
 
@@ -38,20 +38,24 @@ def _all_gather(x, spec):
 _MODEL_RNG = np.uint32(2**32 - 1)  # The model's stream: no step folds in this value.
 
 
-def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
+def make_train_step(objective, tx, schedule, mesh, batch_split: int = 1,
                     mixup_alpha: float = 0.0, seed: int = 0,
                     state_sharding: str = "replicated", param_shardings=None, *,
                     cutmix_alpha: float = 0.0, cutmix_switch_prob: float = 0.5,
-                    teacher_fn=None):
+                    teacher_fn=None, extra_keys: tuple[str, ...] = ()):
   """The update step (state, batch) -> (state, metrics), to be jitted with donation.
 
-  MixUp / CutMix (alpha > 0) draw from fold_in(key(seed), step) and `apply_fn(params, images,
-  rng)` (stochastic depth) from a stream of its own, folded with the micro-batch and the
-  device: no RNG state to checkpoint, and a resumed run draws exactly as an uninterrupted one.
+  `objective.loss` (big_transfer/objectives.py) is what is minimised; the state entries
+  `extra_keys` are the objective's own (MoCo's key encoder and queue), passed to it and
+  replaced by what it returns.
 
-  Distillation: `teacher_fn(state["teacher"], images)` gives the targets of `loss_fn`, the
-  frozen teacher's logits on the images the student sees (the same crop and mix); the
-  teacher is carried through the state unchanged.
+  MixUp / CutMix (alpha > 0) draw from fold_in(key(seed), step) and the objective's model
+  (stochastic depth) from a stream of its own, folded with the micro-batch and the device: no
+  RNG state to checkpoint, and a resumed run draws exactly as an uninterrupted one.
+
+  Distillation: `teacher_fn(state["teacher"], images)` gives the targets of the objective's
+  loss, the frozen teacher's logits on the images the student sees (the same crop and mix);
+  the teacher is carried through the state unchanged.
 
   With `batch_split` k the batch is processed as k micro-batches whose mean gradients are
   averaged, equal to one pass over the whole batch. With replicated parameters each device
@@ -69,17 +73,18 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
   step in `state["bad_step"]`, so the state (and every checkpoint of it) stays finite.
   """
 
-  def loss_and_grads(params, images, labels, rng, gather=lambda p: p):
-    loss = lambda p: jnp.mean(loss_fn(apply_fn(gather(p), images, rng), labels))
-    return jax.value_and_grad(loss)(params)
+  def loss_and_grads(params, extra, batch, rng, gather=lambda p: p):
+    """((loss, the objective's new extra state), grads)."""
+    loss = lambda p: objective.loss(gather(p), extra, batch, rng)
+    return jax.value_and_grad(loss, has_aux=True)(params)
 
   def mean_over_micro_batches(params, micro, rng, gather=lambda p: p):
-    """The mean (loss, grads) over micro-batches stacked on the leading axis."""
+    """The mean (loss, grads) over micro-batches stacked on the leading axis (objectives
+    without extra state: objectives.py refuses batch_split for the others)."""
     def add(total, mb_index):
       mb, index = mb_index
-      grads = loss_and_grads(params, mb["image"], mb["labels"], jax.random.fold_in(rng, index),
-                             gather)
-      return jax.tree.map(jnp.add, total, grads), None
+      (loss, _), grads = loss_and_grads(params, {}, mb, jax.random.fold_in(rng, index), gather)
+      return jax.tree.map(jnp.add, total, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), _ = jax.lax.scan(add, zeros, (micro, jnp.arange(batch_split)))
@@ -112,13 +117,14 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
 
   def step(state, batch):
     params = state["params"]
+    extra = {key: state[key] for key in extra_keys}
     batch = mixup.mix(jax.random.fold_in(jax.random.key(seed), state["step"]), batch,
                       mixup_alpha, cutmix_alpha, cutmix_switch_prob)
     if teacher_fn is not None:
       batch = {**batch, "labels": teacher_fn(state["teacher"], batch["image"])}
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _MODEL_RNG), state["step"])
     if batch_split == 1 and state_sharding != "fsdp":
-      loss, grads = loss_and_grads(params, batch["image"], batch["labels"], rng)
+      (loss, extra), grads = loss_and_grads(params, extra, batch, rng)
     else:
       # Micro-batch j takes rows j, j+k, ...: each device keeps its own rows, no transfers.
       micro = jax.tree.map(
@@ -137,6 +143,7 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
         "opt_state": jax.tree.map(keep_new, opt_state, state["opt_state"]),
         "bad_step": jnp.where(finite | (state["bad_step"] >= 0), state["bad_step"],
                               state["step"]),
+        **{key: jax.tree.map(keep_new, extra[key], state[key]) for key in extra_keys},
     }
     return new_state, {"loss": loss, "lr": schedule(state["step"]), "grad_norm": grad_norm}
 
@@ -147,6 +154,7 @@ def make_train_step(apply_fn, tx, loss_fn, schedule, mesh, batch_split: int = 1,
 class Setup:
   """Everything about a run that does not need data."""
   model: Any
+  objective: objectives.Objective
   apply_fn: Callable
   loss_fn: Callable  # Evaluation's loss against the labels (losses.eval_loss).
   schedule: optax.Schedule
@@ -166,8 +174,10 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
   durations = optim.Durations(num_train_examples, config.batch_size)
   total_steps = durations(config, "total")
   # CPUs get the same model in the form XLA:CPU runs fastest; TPU and GPU programs are unchanged.
+  # A self-supervised objective trains the backbone without the classifier head.
   model = models.get_model(
-      config.model.name, num_classes, dtype=jnp.dtype(config.model.dtype),
+      config.model.name, num_classes if config.objective == "supervised" else 0,
+      dtype=jnp.dtype(config.model.dtype),
       head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init,
       residual_gain=config.model.residual_gain, drop_path_rate=config.model.drop_path_rate,
       avg_down=config.model.avg_down, for_cpu=mesh.devices.flat[0].platform == "cpu")
@@ -184,12 +194,7 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
   train_loss = losses.get(config.loss, label_smoothing=config.label_smoothing,
                           temperature=config.distill.temperature)
   loss_fn = losses.eval_loss(config.loss)
-
-  def apply_fn(params, images, rng=None):
-    """Logits; with an `rng` (training) stochastic depth is on where configured."""
-    if rng is None or not config.model.drop_path_rate:
-      return model.apply({"params": params}, images)
-    return model.apply({"params": params}, images, train=True, rngs={"drop_path": rng})
+  objective = objectives.get(config, model, train_loss, mesh)
 
   teacher = teacher_fn = None
   if losses.uses_teacher(config.loss):
@@ -197,12 +202,16 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
                                dtype=jnp.dtype(config.model.dtype))
     teacher_fn = lambda params, images: teacher.apply({"params": params}, images)
 
-  def init_state(rng):
+  def init_state(rng, loaded=None):
+    """The state at step 0; `loaded` (config.init's params) replaces the fresh parameters it
+    names (SGD's momentum starts at zero whatever the params) before the objective's extra
+    state is derived from them."""
     # Parameter shapes do not depend on the resolution (global pooling before the head).
     images = jnp.zeros((1, 32, 32, 3), jnp.float32)
-    params = model.init(rng, images)["params"]
+    params = {**objective.init_params(rng, images), **(loaded or {})}
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-             "bad_step": jnp.full((), -1, jnp.int32)}
+             "bad_step": jnp.full((), -1, jnp.int32),
+             **objective.init_extra(params, jax.random.fold_in(rng, 1))}
     if teacher is not None:  # Placeholder weights: a new run loads config.distill.teacher.
       state["teacher"] = teacher.init(rng, images)["params"]
     return state
@@ -212,15 +221,18 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
   shardings["step"] = shardings["bad_step"] = sharding.replicated(mesh)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  step = make_train_step(apply_fn, tx, train_loss, schedule, mesh, config.batch_split,
+  extra_keys = tuple(sorted(set(shapes) - {"step", "params", "opt_state", "bad_step",
+                                             "teacher"}))
+  step = make_train_step(objective, tx, schedule, mesh, config.batch_split,
                          config.mixup_alpha, config.seed, config.state_sharding,
                          shardings["params"], cutmix_alpha=config.cutmix_alpha,
-                         cutmix_switch_prob=config.cutmix_switch_prob, teacher_fn=teacher_fn)
+                         cutmix_switch_prob=config.cutmix_switch_prob, teacher_fn=teacher_fn,
+                         extra_keys=extra_keys)
   train_step = jax.jit(
       step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return Setup(model, apply_fn, loss_fn, schedule, total_steps, shardings, abstract_state,
-               jax.jit(init_state, out_shardings=shardings), train_step)
+  return Setup(model, objective, objective.apply_fn, loss_fn, schedule, total_steps, shardings,
+               abstract_state, jax.jit(init_state, out_shardings=shardings), train_step)
 
 
 class _Preemption(contextlib.AbstractContextManager):
@@ -294,6 +306,23 @@ def _num_classes(config, dataset) -> int:
     raise UserError(f"Config expects {expected} classes but dataset {dataset.name!r} has "
                     f"{dataset.num_classes}; set --config.num_classes={dataset.num_classes}.")
   return dataset.num_classes
+
+
+def _linear_probe(config, dataset, setup, local_batch: int, mesh):
+  """(params, eval batches) -> the metrics of a ridge probe on the pre-logits, fitted to
+  `probe_shots` random training examples per class (self-supervised objectives)."""
+  subset = pipeline.few_shot_subset(dataset, config.train_split, config.probe_shots, config.seed)
+  step = evaluate.make_features_step(setup.objective.features_fn)
+
+  def probe(params, eval_batches):
+    train_batches = pipeline.eval_iterator(
+        dataset, config.train_split, config.pp_eval, local_batch, subset=subset,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    train = evaluate.features(step, params, train_batches, mesh)
+    test = evaluate.features(step, params, eval_batches, mesh)
+    return evaluate.ridge_probe(*train, *test, dataset.num_classes)
+
+  return probe
 
 
 def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluators):
@@ -371,11 +400,9 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
       state = ckpt.restore(setup.abstract_state)
       if state is None:
         # ---- Transfer: config.init's backbone, the head as config.init_head says ----
-        params = (transfer.init_params(config, num_classes, setup.state_shardings["params"])
-                  if config.init else None)
-        state = setup.init(jax.random.key(config.seed))
-        if params is not None:  # SGD's momentum starts at zero whatever the params.
-          state["params"] = params
+        params = (transfer.init_params(config, setup.model.num_classes,
+                                       setup.state_shardings["params"]) if config.init else None)
+        state = setup.init(jax.random.key(config.seed), params)
         if "teacher" in state:
           state["teacher"] = transfer.teacher_params(config, num_classes,
                                                      setup.state_shardings["teacher"])
@@ -388,13 +415,17 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
                   f"{dataset.num_classes} classes; batch {config.batch_size} over "
                   f"{jax.device_count()} devices ({jax.process_count()} processes); "
                   f"{setup.total_steps} steps.")
-      eval_step = evaluate.make_classification_step(setup.apply_fn, setup.loss_fn)
+      if setup.objective.evaluator == "linear_probe":
+        score = _linear_probe(config, dataset, setup, local_eval_batch, mesh)
+      else:
+        eval_step = evaluate.make_classification_step(setup.apply_fn, setup.loss_fn)
+        score = lambda params, batches: evaluate.classification(eval_step, params, batches, mesh)
 
       def run_eval(step, params):
         batches = pipeline.eval_iterator(
             dataset, config.eval_split, config.pp_eval, local_eval_batch,
             process_index=jax.process_index(), process_count=jax.process_count())
-        result = evaluate.classification(eval_step, params, batches, mesh)
+        result = score(params, batches)
         writer.write(step, {f"eval/{k}": v for k, v in result.items()})
         metrics.log(f"step {step}: eval {config.eval_split} accuracy "
                     f"{100 * result['accuracy']:.2f}% (top-5 {100 * result['top5']:.2f}%) over "

@@ -130,9 +130,10 @@ def _load(path: str, model: str, num_classes: int, head: str, shardings, flag: s
                     f"--{model_key}={name} or pass a {model} checkpoint.")
   head_params = params.get("head", {}).get("conv2d", {})
   zero = not any(np.any(x) for x in head_params.values())
-  metrics.log(f"{role} from {path}: {name} backbone loaded, "
-              f"{'a zero' if zero else 'the checkpoint' + chr(39) + 's'} {num_classes}-class "
-              f"head (init_head={head}).")
+  head_note = (f"{'a zero' if zero else 'the checkpoint' + chr(39) + 's'} {num_classes}-class "
+               f"head (init_head={head})" if num_classes else "no head")
+  metrics.log(f"{role} from {path}: {name} backbone loaded, {head_note}.")
+  # `shardings` may name more (a self-supervised objective's projection, initialised fresh).
   return jax.tree.map(
       lambda x, sharding: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i]),
-      params, shardings)
+      params, {k: shardings[k] for k in params})

@@ -10,7 +10,7 @@ import re
 import jax
 import ml_collections
 
-from big_transfer import losses, models, native_logs, optim, sharding
+from big_transfer import losses, models, native_logs, objectives, optim, sharding
 from big_transfer.data import preprocess
 from big_transfer.errors import UserError
 
@@ -38,6 +38,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   _check_batches(config, num_devices)
   _check_durations(config, rule_fills="hyperrule" in config)
   _check_choice("loss", config.loss, losses.LOSSES)
+  _check_choice("objective", config.objective, objectives.OBJECTIVES)
+  _check_choice("trainable", config.trainable, optim.TRAINABLE)
   _check_choice("optimizer", config.optimizer, optim.OPTIMIZERS)
   _check_recipe(config)
   _check_choice("schedule.kind", config.schedule.kind, SCHEDULES)
@@ -55,7 +57,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
                       f"--config.{key}={max(minimum, 1)}.")
   for key in ("pp_train", "pp_eval"):
     if config[key] is not None:
-      check_preprocessing(key, config[key])
+      check_preprocessing(key, config[key], views=2 if key == "pp_train" and
+                          config.objective == "moco" else None)
+  if config.objective == "moco" and config.probe_shots < 1:
+    raise UserError(f"probe_shots {config.probe_shots} must be at least 1 (the linear probe "
+                    "that evaluates a self-supervised run); e.g. --config.probe_shots=100.")
 
 
 def _check_choice(key: str, value, valid) -> None:
@@ -172,9 +178,10 @@ def _check_durations(config, rule_fills: bool) -> None:
                         "or total_epochs.")
 
 
-def check_preprocessing(key: str, spec: str) -> None:
+def check_preprocessing(key: str, spec: str, views: int | None = None) -> None:
   """Runs `spec` on dummy JPEGs: bad op arguments, crops larger than the resized image, and
-  output the model cannot take (not float, not RGB, empty) are UserErrors here."""
+  output the model cannot take (not float, not RGB, empty; not `views` views of each image
+  when set, none otherwise) are UserErrors here."""
   if not spec:
     raise UserError(f"{key} is empty; set it, e.g. --config.{key}='decode|resize(224)|"
                     "value_range(-1, 1)'.")
@@ -193,10 +200,17 @@ def check_preprocessing(key: str, spec: str) -> None:
   if image.dtype != tf.float32:
     raise UserError(f"{key} {spec!r} gives {image.dtype.name} pixels; end it with "
                     "value_range(-1, 1): the model takes float pixels in [-1, 1].")
+  found = image.shape[0] if image.shape.rank == 4 else None
+  if found != views:
+    fix = (f"put views({views}) before the ops that make each view, e.g. 'decode|views(2)|"
+           "inception_crop(224, 0.2)|...' (configs/hpt.py)" if views
+           else "remove views(...): this objective takes one image per example")
+    raise UserError(f"{key} {spec!r} gives {found or 'no'} views of each image; {fix}.")
   if image.shape[-1] != 3:
     raise UserError(f"{key} {spec!r} gives {image.shape[-1]}-channel images; the model takes "
                     "RGB: use decode (3 channels).")
-  if len(shapes) == 1 and 0 in image.shape[:2]:
-    raise UserError(f"{key} {spec!r} gives {image.shape[0]}x{image.shape[1]} images; the model "
+  height, width = image.shape[-3:-1]
+  if len(shapes) == 1 and 0 in (height, width):
+    raise UserError(f"{key} {spec!r} gives {height}x{width} images; the model "
                     "needs at least 1x1 pixels (BiT trains at 128-480): raise the size.")
 

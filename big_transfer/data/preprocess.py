@@ -6,6 +6,11 @@ Each op maps an example dict to an example dict and touches only `image`. Random
 stateless: they draw from the per-example `_seed` that the pipeline attaches, so a given
 example of a given epoch is augmented the same way whatever the parallelism, and a resumed run
 sees exactly the images of an uninterrupted one.
+
+`views(n)` runs the rest of the spec n times, each with its own seed, and stacks the results
+as `image` (n, h, w, c): the two augmented views of contrastive learning (MoCo-v2's recipe,
+Chen et al. 2020, arXiv 2003.04297: inception_crop(size, 0.2)|color_jitter(0.4, 0.4, 0.4, 0.1,
+0.8)|random_grayscale(0.2)|gaussian_blur(0.5, 0.1, 2.0)|flip_lr, configs/hpt.py).
 """
 
 import ast
@@ -52,6 +57,14 @@ def transfer_specs(resize_size: int, crop_size: int, *, flip: bool = True, crop:
   return "|".join(train), f"{decode}|resize({crop_size})|value_range(-1, 1)"
 
 
+def _views(count: int, view: "Op") -> "Op":
+  def op(example):
+    seeds = tf.random.experimental.stateless_split(example["_seed"], count)
+    images = [view({**example, "_seed": seeds[i]})["image"] for i in range(count)]
+    return {**example, "image": tf.stack(images)}
+  return op
+
+
 def register(fn):
   _OPS[fn.__name__] = fn
   return fn
@@ -64,8 +77,16 @@ def names() -> list[str]:
 def parse(spec: str) -> Op:
   """Builds one function from "op1(args)|op2|..."; UserError names an unknown op."""
   ops = []
-  for part in filter(None, (p.strip() for p in spec.split("|"))):
+  parts = [p.strip() for p in spec.split("|") if p.strip()]
+  for i, part in enumerate(parts):
     name, _, args = part.partition("(")
+    if name == "views":  # The rest of the spec, once per view.
+      count = ast.literal_eval(args.rstrip(")") or "2")
+      if not isinstance(count, int) or count < 1 or i == len(parts) - 1:
+        raise UserError(f"Bad views op {part!r} in {spec!r}; write views(N) with N >= 1 "
+                        "before the ops that make each view.")
+      ops.append(_views(count, parse("|".join(parts[i + 1:]))))
+      break
     if name not in _OPS:
       raise UserError(f"Unknown preprocessing op {name!r} in {spec!r}; "
                        f"valid: {', '.join(names())}.")
@@ -243,6 +264,69 @@ def flip_lr() -> Op:
   return op
 
 
+def _with_probability(p: float, fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]) -> Op:
+  """An op applying fn(image, seed) with probability p (one draw per example)."""
+  def op(example):
+    example, seed = _next_seed(example)
+    draw_seed, fn_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = example["image"]
+    apply = tf.random.stateless_uniform([], draw_seed) < p
+    return {**example, "image": tf.cond(apply, lambda: fn(image, fn_seed), lambda: image)}
+  return op
+
+
+def _as_float(fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]):
+  """fn on the image as float [0, 1], the result back in the image's dtype."""
+  def wrapped(image, seed):
+    result = fn(tf.image.convert_image_dtype(image, tf.float32), seed)
+    return tf.image.convert_image_dtype(tf.clip_by_value(result, 0.0, 1.0), image.dtype,
+                                        saturate=True)
+  return wrapped
+
+
+@register
+def color_jitter(brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4,
+                 hue: float = 0.1, p: float = 0.8) -> Op:
+  """With probability p: brightness, contrast and saturation scaled by factors drawn from
+  [1 - x, 1 + x], hue shifted by up to `hue` of a turn (torchvision's ColorJitter, in this
+  fixed order)."""
+  def fn(image, seed):
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    factor = lambda x, i: tf.random.stateless_uniform([], seeds[i], 1 - x, 1 + x)
+    image = image * factor(brightness, 0)
+    image = tf.image.adjust_contrast(image, factor(contrast, 1))
+    image = tf.image.adjust_saturation(tf.clip_by_value(image, 0.0, 1.0), factor(saturation, 2))
+    return tf.image.adjust_hue(image, tf.random.stateless_uniform([], seeds[3], -hue, hue))
+  return _with_probability(p, _as_float(fn))
+
+
+@register
+def random_grayscale(p: float = 0.2) -> Op:
+  """With probability p, the image's luma in all three channels."""
+  return _with_probability(p, lambda image, seed: tf.image.grayscale_to_rgb(
+      tf.image.rgb_to_grayscale(image)))
+
+
+@register
+def gaussian_blur(p: float = 0.5, sigma_min: float = 0.1, sigma_max: float = 2.0) -> Op:
+  """With probability p, a Gaussian blur of standard deviation drawn from [sigma_min,
+  sigma_max] pixels (MoCo-v2: 0.1-2.0 at 224 px), edges reflected."""
+  radius = max(1, int(round(3 * sigma_max)))
+
+  def fn(image, seed):
+    sigma = tf.random.stateless_uniform([], seed, sigma_min, sigma_max)
+    taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(taps / sigma))
+    kernel /= tf.reduce_sum(kernel)
+    channels = tf.shape(image)[-1]
+    padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], "REFLECT")
+    rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    cols = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+    blurred = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
+    return tf.nn.depthwise_conv2d(blurred, cols, [1, 1, 1, 1], "VALID")[0]
+  return _with_probability(p, _as_float(fn))
+
+
 @register
 def scale(factor: float) -> Op:
   """uint8 pixels times `factor`, clipped to [0, 255] (dSprites stores 0/1 pixels)."""
@@ -266,7 +350,7 @@ def output_image_size(spec: str) -> tuple[int, int]:
   for size in (521, 613):  # Larger than any crop a spec takes without resizing first.
     jpeg = tf.io.encode_jpeg(tf.zeros((size, size + 3, 3), tf.uint8))
     example = {"image": jpeg, "_seed": tf.constant([0, 0], tf.int64)}
-    shapes.add(tuple(parse(spec)(example)["image"].shape[:2]))
+    shapes.add(tuple(parse(spec)(example)["image"].shape[-3:-1]))  # views(n) adds an axis.
   if len(shapes) != 1:
     raise UserError(f"Preprocessing {spec!r} does not produce one fixed image size; end it "
                     "with a fixed-size op such as resize(N), random_crop(N) or inception_crop(N).")
