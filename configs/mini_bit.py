@@ -25,9 +25,8 @@ Upstream: BiT-S (paper §3.3, configs/bit_s.py) scaled down. "paper -> here: why
 - Batch 4096, lr 0.03 per 256 -> batch 128, the same rate (0.015): 0.1 per 256 diverged (loss
   19 at step 50).
 - Length 90 epochs (28k steps) -> 50,000 examples (391 steps; 2 epochs of 25,000 or 10 of
-  5,000): ~17 min on 2 idle cores, the same compute for both source sizes, so that the whole
-  experiment fits 45 minutes (the 10-shot probe had reached 52% after 33k examples of a
-  100k-example schedule, against 31% for a random init).
+  5,000): 13 min on 2 cores, the same compute for both source sizes, so that the whole
+  experiment fits 45 minutes with room for a loaded machine.
 - Warmup 5000 steps (18%) -> 5,000 examples (10%); lr /10 at epochs 30, 60, 80 of 90 -> at
   1/3, 2/3, 8/9 of the examples (the same shape); weight decay 1e-4 and softmax kept.
 
@@ -48,8 +47,9 @@ ratio.
 - Test-resolution phase: off (`test_res.steps=0`; at 32 px when set with
   `--config.test_res.steps=N`); not part of the measured table.
 
-Cost on 2 idle cores: ~17 min for the upstream, ~1.5 min per transfer run (100 steps of 25
-images at 32 px, compile and the 1,000 test images included); the whole experiment ~35 min.
+Cost, measured on 2 cores (2026-11-27, other jobs at nice 19): 13 min for the upstream (~78
+img/s), ~80 s per transfer run (100 steps of 25 images at 32 px, compile and the 1,000 test
+images included); the whole experiment 25.4 min wall, 32.5 CPU-min.
 """
 
 import ml_collections
