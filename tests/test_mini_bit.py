@@ -1,5 +1,5 @@
 """The miniature BiT experiment: its data subsets and its configs (the experiment itself takes
-~40 minutes; README, Transfer section)."""
+~25 minutes on 2 cores; README, Transfer section)."""
 
 import json
 import os

@@ -142,7 +142,7 @@ def run(data_root: str, workdir: str, source_per_class: int = 5000, seeds: int =
   config = with_overrides(configs_mini_bit.get_config(f"upstream,root={source}"), "upstream")
   config.fewshot.dataset = f"folder:{target}"
   config.fewshot.shots = (SHOTS,)
-  config.fewshot.every_steps = max(1, round(config.total_examples / config.batch_size / 6)
+  config.fewshot.every_steps = max(1, round(config.total_examples / config.batch_size / 3)
                                    ) if config.total_examples else 0
   upstream_top1 = _train(config, upstream_dir)["accuracy"]
 
