@@ -357,6 +357,7 @@ def _train_loop(config, setup, state, batches, mesh, ckpt, writer, evaluators):
         return state, True
       for every_steps, evaluate_fn in evaluators:
         if every_steps and step % every_steps == 0 and not is_last:
+          jax.block_until_ready(state)  # Steps still running count as training, not eval.
           with progress.paused():
             evaluate_fn(step, state["params"])
   return state, False
