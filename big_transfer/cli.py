@@ -31,7 +31,13 @@ def _load(spec: str):
 
 
 def _override_error(argv: list[str], error: Exception) -> str:
-  """The one-line message for a bad `--config...` flag."""
+  """The one-line message for a bad `--config...` flag.
+
+  config_flags' own errors name only an unknown key's last part ('nme' for model.nme) and
+  embed the config file's traceback over many lines, so the file is run again here, as a
+  fresh module (config_flags reloads under one module name: in a process that loaded another
+  config, a file without get_config would silently get the previous file's).
+  """
   specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
   if not specs:
     return "--config=configs/NAME.py is required."
