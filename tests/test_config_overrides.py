@@ -41,11 +41,17 @@ def test_with_overrides_keeps_the_types():
     config_common.with_overrides(demo.get_config(), {"batch_size": "sixteen"})
 
 
-def test_an_unknown_nested_key_is_named_in_full(tmp_path):
-  """config_flags' own error names only the last part ('nme'); the CLI names the whole key."""
-  proc = run_cli(f"--config={ROOT}/configs/demo.py", "--config.model.nme=R14x1",
-                 f"--workdir={tmp_path / 'run'}")
-  assert error_line(proc).startswith("error: Unknown config key 'model.nme'; valid: ")
+@pytest.mark.parametrize("flag, named", [
+    # config_flags' own error names only 'nme', and suggests nothing for keys one level off.
+    ("--config.model.nme=R14x1", "'model.nme' (closest: model.name, model.dtype"),
+    ("--config.warmup_steps=5", "'warmup_steps' (closest: schedule.warmup_steps"),
+    ("--config.no_such_key=1", "'no_such_key'; valid: batch_size, batch_split, cache"),
+])
+def test_an_unknown_key_is_named_in_full_with_the_closest(tmp_path, flag, named):
+  proc = run_cli(f"--config={ROOT}/configs/demo.py", flag, f"--workdir={tmp_path / 'run'}")
+  line = error_line(proc)
+  assert line.startswith(f"error: Unknown config key {named}")
+  assert ", schedule.warmup_steps, seed, " in line  # Every key is listed.
   assert not (tmp_path / "run").exists()
 
 
