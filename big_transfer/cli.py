@@ -5,6 +5,7 @@ flags, locked so that a typo is an error). Any problem with them ends the progra
 line naming the problem and the valid choices, not a traceback.
 """
 
+import difflib
 import importlib.util
 import os
 import sys
@@ -31,7 +32,13 @@ def _load(spec: str):
 
 
 def _override_error(argv: list[str], error: Exception) -> str:
-  """The one-line message for a bad `--config...` flag."""
+  """The one-line message for a bad `--config...` flag.
+
+  config_flags' own errors name only an unknown key's last part ('nme' for model.nme) and
+  embed the config file's traceback over many lines, so the file is run again here, as a
+  fresh module (config_flags reloads under one module name: in a process that loaded another
+  config, a file without get_config would silently get the previous file's).
+  """
   specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
   if not specs:
     return "--config=configs/NAME.py is required."
@@ -52,8 +59,10 @@ def _override_error(argv: list[str], error: Exception) -> str:
   for a in argv:
     if a.startswith("--config.") and "=" in a:
       key = a[len("--config."):].split("=", 1)[0]
-      if key not in keys:
-        return f"Unknown config key {key!r}; valid: {', '.join(keys)}."
+      if key not in keys:  # Close across levels too (warmup_steps: schedule.warmup_steps).
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        hint = f" (closest: {', '.join(close)})" if close else ""
+        return f"Unknown config key {key!r}{hint}; valid: {', '.join(keys)}."
   return f"Bad config flag: {str(error).splitlines()[0].strip(chr(39) + chr(34))}"
 
 

@@ -204,12 +204,8 @@ def transfer(task, model: str, shots: int | None = None) -> ml_collections.Confi
 
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-  """A copy of `config` with dotted keys set, as `--config.key=value` flags would."""
-  config = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  """A copy of `config` with dotted keys set, as `--config.key=value` flags would: the copy is
+  locked (as config_flags locks the command line's) so that an unknown key is a KeyError."""
+  config = config.copy_and_resolve_references().lock()
+  config.update_from_flattened_dict(overrides)
   return config

@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from big_transfer import cli, config_common, errors, models, optim, scaling, sharding, trainer
 from big_transfer.data import preprocess
 
+flags.adopt_module_key_flags(cli)  # --help lists --config (defined in cli.py).
 TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU topology to compile for, `GENERATION:SHAPE` (v3:16x16, v4:4x4x4, "
     "v5e:16x16, v5p:8x8x8, v6e:16x16); default: the local devices.")

@@ -15,6 +15,7 @@ from absl import app, flags, logging
 
 from big_transfer import cli, errors
 
+flags.adopt_module_key_flags(cli)  # --help lists --config (defined in cli.py).
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
 DISTRIBUTED = flags.DEFINE_bool("distributed", False,
