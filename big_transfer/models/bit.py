@@ -11,7 +11,6 @@ as matmuls, GroupNorm statistics per channel first; docs/performance.md has the 
 The trainer sets it when its devices are CPUs, so TPU and GPU programs are not affected.
 """
 
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -58,51 +57,6 @@ def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
     return out.astype(x.dtype).reshape(x.shape[:-1] + kernel.shape[-1:])
   return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(padding, padding)] * 2,
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _pool_windows(x: jax.Array, window: int, stride: int) -> list[jax.Array]:
-  """The `window`**2 strided slices of NHWC `x` whose elementwise maximum is a VALID max
-  pool, in the row-major window order that XLA's select-and-scatter visits them."""
-  n, h, w, c = x.shape
-  rows, cols = (h - window) // stride + 1, (w - window) // stride + 1
-  return [jax.lax.slice(x, (0, i, j, 0), (n, i + (rows - 1) * stride + 1,
-                                          j + (cols - 1) * stride + 1, c), (1, stride, stride, 1))
-          for i in range(window) for j in range(window)]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def max_pool_by_slices(x: jax.Array, window: int, stride: int) -> jax.Array:
-  """`nn.max_pool(x, (window,) * 2, (stride,) * 2, "VALID")` as the maximum of its strided
-  slices, with the same gradient: each output's gradient goes to the first maximum of its
-  window in row-major order (select-and-scatter with `>=`, as JAX differentiates
-  reduce_window), summed where windows overlap.
-
-  XLA:CPU expands reduce_window's gradient into an iota and a scatter over the padded input;
-  here it is elementwise selects and interior pads that fuse into one loop.
-  """
-  return functools.reduce(jnp.maximum, _pool_windows(x, window, stride))
-
-
-def _max_pool_fwd(x, window, stride):
-  out = max_pool_by_slices(x, window, stride)
-  return out, (x, out)
-
-
-def _max_pool_bwd(window, stride, residuals, g):
-  x, out = residuals
-  grad, taken = jnp.zeros_like(x), jnp.zeros(out.shape, bool)
-  for k, candidate in enumerate(_pool_windows(x, window, stride)):
-    first = (candidate == out) & ~taken
-    taken = taken | first
-    i, j = divmod(k, window)
-    padding = [(0, 0, 0), (i, x.shape[1] - i - (out.shape[1] - 1) * stride - 1, stride - 1),
-               (j, x.shape[2] - j - (out.shape[2] - 1) * stride - 1, stride - 1), (0, 0, 0)]
-    grad = grad + jax.lax.pad(jnp.where(first, g, 0).astype(x.dtype), jnp.zeros((), x.dtype),
-                              padding)
-  return (grad,)
-
-
-max_pool_by_slices.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class StdConv(nn.Module):
@@ -309,8 +263,6 @@ class Root(nn.Module):
     x = StdConv(self.features, 7, 2, padding=3, dtype=self.dtype, for_cpu=self.for_cpu,
                 name="standardized_conv2d")(x)
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    if self.for_cpu:
-      return max_pool_by_slices(x, 3, 2)
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
 
