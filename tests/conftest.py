@@ -75,6 +75,18 @@ def data_dir(tmp_path_factory):
   return str(path)
 
 
+@pytest.fixture(scope="session")
+def r14x1_npz(tmp_path_factory):
+  """timm's BiT-R14x1 reference weights (tests/fixtures) written once per session in the released
+  .npz layout, with a 10-class head. Tests only read it."""
+  sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+  import compact_npz  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("npz") / "BiT-R14x1.npz")
+  compact_npz.write_official_npz(
+      compact_npz.load_fixture(compact_npz.fixture_path("timm_bit_r14x1.npz"))["params"], path)
+  return path
+
+
 def train_env(devices: int) -> dict[str, str]:
   """The environment of a trainer subprocess with `devices` fake CPU devices.
 
