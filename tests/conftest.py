@@ -158,8 +158,9 @@ def run_train(workdir, *flags, devices: int = 1, check: bool = True):
 
 # The slowest files first: pytest-xdist (`-n`, one file per worker at a time) then balances the
 # rest of the suite around them.
-_SLOWEST_FIRST = ("test_recipes.py", "test_resilience.py", "test_cloud_storage.py",
-                  "test_upstream.py", "test_engine.py", "test_train.py", "test_transfer.py",
+_SLOWEST_FIRST = ("test_upstream.py", "test_resilience.py", "test_recipes.py", "test_hpt.py",
+                  "test_cloud_storage.py", "test_engine.py", "test_train.py", "test_fewshot.py",
+                  "test_input_position.py", "test_transfer.py", "test_notebook.py",
                   "test_plan.py")
 
 
