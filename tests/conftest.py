@@ -75,6 +75,28 @@ def data_dir(tmp_path_factory):
   return str(path)
 
 
+@contextlib.contextmanager
+def on_devices(count: int):
+  """`sharding.make_mesh()` (trainer.run's, the few-shot evaluation's) over only the first
+  `count` of this process's 8 fake devices. Where the device count is not what a test is
+  about, one device compiles a trainer run in ~60% of the CPU time that eight take."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from big_transfer import sharding  # pylint: disable=g-import-not-at-top
+  make_mesh = sharding.make_mesh
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sharding, "make_mesh",
+                  lambda devices=None: make_mesh(jax.devices()[:count] if devices is None
+                                                 else devices))
+    yield
+
+
+@pytest.fixture
+def one_device():
+  """The test's trainer runs and few-shot evaluations on one device (see on_devices)."""
+  with on_devices(1):
+    yield
+
+
 @pytest.fixture(scope="session")
 def r14x1_npz(tmp_path_factory):
   """timm's BiT-R14x1 reference weights (tests/fixtures) written once per session in the released

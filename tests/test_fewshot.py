@@ -166,7 +166,8 @@ def test_bad_init_is_a_user_error(tmp_path):
 
 
 def test_periodic_fewshot_during_training_matches_the_standalone_run(tmp_path, data_dir,
-                                                                     capsys):
+                                                                     capsys, one_device):
+  """Both on one device (test_standalone_command_on_a_tiny_npz compares 1 with 8)."""
   config = config_common.with_overrides(config_common.base(), {
       **TINY_CONFIG, "dataset": "sklearn_digits", "data_dir": data_dir, "num_classes": 10,
       "fewshot.dataset": "sklearn_digits", "fewshot.shots": (1, 5), "fewshot.seeds": 2,

@@ -332,11 +332,13 @@ def teacher_npz(tmp_path_factory):
     ("A2,local", {"loss": "distill_kl", "distill.model": "R14x1", "distill.temperature": 2.0,
                   "model.residual_gain": True, "model.avg_down": True}),
 ], ids=["A1", "A2-distill-residual_gain-resnet_d"])
-def test_recipe_trains_and_resumes_bitwise(tmp_path, data_dir, teacher_npz, arg, extra):
+def test_recipe_trains_and_resumes_bitwise(tmp_path, data_dir, teacher_npz, arg, extra,
+                                           one_device):
   """trainer.run for 3 steps (checkpoints 2 and 3); then checkpoint 3 deleted and the run
   resumed from 2 through the real command (in-process): step 3 again, bit for bit. A2 runs
   with the Bag-of-Tricks model options and distillation on top. A2 and A3 differ from A1 only
-  in values (test_rsb_procedures_are_the_paper_s_table_1); each case costs a compile."""
+  in values (test_rsb_procedures_are_the_paper_s_table_1); each case costs a compile (on one
+  device: the recipes do not depend on the device count)."""
   if "distill.model" in extra:
     extra = {**extra, "distill.teacher": teacher_npz}
   overrides = {**RECIPE_FLAGS, "data_dir": data_dir, **extra}

@@ -13,12 +13,12 @@ from absl import flags
 from absl.testing import flagsaver
 from PIL import Image
 
-from big_transfer import (checkpoints, config_common, export, models, plot, predict, sharding,
-                          trainer, workdirs)
+from big_transfer import (checkpoints, config_common, export, models, plot, predict, trainer,
+                          workdirs)
 from big_transfer.data import preprocess
 from big_transfer.errors import UserError
 from configs import demo
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, on_devices
 
 
 CLASSES = ["airplane", "bird", "cat"]
@@ -43,9 +43,7 @@ def workdir(tmp_path_factory, cifar10_dir):
       **TINY_CONFIG, "dataset": f"folder:{root}", "num_classes": len(CLASSES),
       "shuffle_buffer": 100})
   path = str(tmp_path_factory.mktemp("run") / "workdir")
-  make_mesh = sharding.make_mesh
-  with pytest.MonkeyPatch.context() as patch:  # One device: compiles faster than eight.
-    patch.setattr(sharding, "make_mesh", lambda: make_mesh(jax.devices()[:1]))
+  with on_devices(1):  # One device: compiles faster than eight.
     trainer.run(config, path)
   return path
 

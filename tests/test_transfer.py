@@ -205,7 +205,7 @@ def test_npz_backbone_loads_with_a_zero_head_and_every_test_image_counts(cli_run
 
 
 def test_transfer_from_our_workdir_with_shots_and_a_test_resolution_phase(
-    cli_run, folder, tmp_path, capsys):
+    cli_run, folder, tmp_path, capsys, one_device):
   source, _ = cli_run
   # The params a run starts from: the source workdir's backbone as stored, a zero head.
   _, stored = checkpoints.load_params(source)
