@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from big_transfer import config_common, trainer
-from conftest import ROOT, TINY, TINY_CONFIG, logged_losses, run_train, train_env
+from configs import demo
+from conftest import ROOT, TINY_CONFIG, logged_losses, on_devices, train_env
 
 
 def _free_port():
@@ -21,11 +22,12 @@ def _free_port():
 
 
 def test_two_processes_match_one(tmp_path, data_dir):
-  flags = [*TINY, "--config.total_steps=6", "--config.log_every_steps=1",
-           "--config.input_sharding=global", f"--config.data_dir={data_dir}",
-           "--config.batch_size=16"]
+  overrides = {**TINY_CONFIG, "total_steps": 6, "log_every_steps": 1, "input_sharding": "global",
+               "data_dir": data_dir}
   single = str(tmp_path / "single")
-  run_train(single, *flags, devices=4)
+  with on_devices(4):  # One process (this one) on the two processes' 4 devices.
+    trainer.run(config_common.with_overrides(demo.get_config(), overrides), single)
+  flags = [f"--config.{key}={value}" for key, value in overrides.items()]
 
   multi = str(tmp_path / "multi")
   port = _free_port()
