@@ -63,7 +63,7 @@ def evaluate(init: str, dataset: str, *, shots, seeds: int, pp: str | None = Non
   data = datasets.get(dataset, data_dir)
   model_name, params = checkpoints.load_params(init, num_classes=0)
   # The form the trainer runs on this platform, so a periodic evaluation and this one agree.
-  model = models.get_model(model_name, 0, for_cpu=mesh.devices.flat[0].platform == "cpu")
+  model = models.get_model(model_name, 0, for_cpu=sharding.runs_on_cpu(mesh))
   evaluator = fewshot_eval.Evaluator(
       lambda p, images: model.apply({"params": p}, images, pre_logits=True), data, mesh,
       batch_size=batch_size, pp=pp, train_split=train_split, test_split=test_split,

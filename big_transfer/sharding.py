@@ -49,6 +49,11 @@ def state_shardings(abstract_state, mesh, mode: str):
   return jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), abstract_state)
 
 
+def runs_on_cpu(mesh) -> bool:
+  """Whether `mesh` is XLA:CPU devices: models then take their CPU form (`for_cpu`)."""
+  return mesh.devices.flat[0].platform == "cpu"
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

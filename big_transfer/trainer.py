@@ -180,7 +180,7 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
       dtype=jnp.dtype(config.model.dtype),
       head_zero_init=config.model.head_zero_init, head_bias_init=config.model.head_bias_init,
       residual_gain=config.model.residual_gain, drop_path_rate=config.model.drop_path_rate,
-      avg_down=config.model.avg_down, for_cpu=mesh.devices.flat[0].platform == "cpu")
+      avg_down=config.model.avg_down, for_cpu=sharding.runs_on_cpu(mesh))
   schedule = optim.make_schedule(config, durations, total_steps)
   # ---- Transfer: the test-resolution phase, test_res.steps more at constant test_res.lr ----
   test_res = config.test_res

@@ -75,6 +75,40 @@ def data_dir(tmp_path_factory):
   return str(path)
 
 
+@contextlib.contextmanager
+def on_devices(count: int):
+  """`sharding.make_mesh()` (trainer.run's, the few-shot evaluation's) over only the first
+  `count` of this process's 8 fake devices. Where the device count is not what a test is
+  about, one device compiles a trainer run in ~60% of the CPU time that eight take."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from big_transfer import sharding  # pylint: disable=g-import-not-at-top
+  make_mesh = sharding.make_mesh
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sharding, "make_mesh",
+                  lambda devices=None: make_mesh(jax.devices()[:count] if devices is None
+                                                 else devices))
+    yield
+
+
+@pytest.fixture
+def one_device():
+  """The test's trainer runs and few-shot evaluations on one device (see on_devices)."""
+  with on_devices(1):
+    yield
+
+
+@pytest.fixture(scope="session")
+def r14x1_npz(tmp_path_factory):
+  """timm's BiT-R14x1 reference weights (tests/fixtures) written once per session in the released
+  .npz layout, with a 10-class head. Tests only read it."""
+  sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+  import compact_npz  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("npz") / "BiT-R14x1.npz")
+  compact_npz.write_official_npz(
+      compact_npz.load_fixture(compact_npz.fixture_path("timm_bit_r14x1.npz"))["params"], path)
+  return path
+
+
 def train_env(devices: int) -> dict[str, str]:
   """The environment of a trainer subprocess with `devices` fake CPU devices.
 
@@ -146,8 +180,9 @@ def run_train(workdir, *flags, devices: int = 1, check: bool = True):
 
 # The slowest files first: pytest-xdist (`-n`, one file per worker at a time) then balances the
 # rest of the suite around them.
-_SLOWEST_FIRST = ("test_recipes.py", "test_resilience.py", "test_cloud_storage.py",
-                  "test_upstream.py", "test_engine.py", "test_train.py", "test_transfer.py",
+_SLOWEST_FIRST = ("test_upstream.py", "test_resilience.py", "test_recipes.py", "test_hpt.py",
+                  "test_cloud_storage.py", "test_engine.py", "test_train.py", "test_fewshot.py",
+                  "test_input_position.py", "test_transfer.py", "test_notebook.py",
                   "test_plan.py")
 
 

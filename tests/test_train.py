@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from big_transfer import native_logs
-from conftest import TINY, error_line, run_train, train_env
+from conftest import ROOT, TINY, error_line, run_cli, run_train, train_env
 
 
 def _metrics(workdir):
@@ -57,13 +57,15 @@ def test_trains_logs_checkpoints_and_resumes_on_another_device_count(tmp_path, d
      "Unknown dataset 'no_such_dataset'; valid: sklearn_digits"),
 ])
 def test_bad_input_is_one_line(tmp_path, data_dir, flag, expected):
-  proc = run_train(str(tmp_path / "run"), f"--config.data_dir={data_dir}", flag, check=False)
+  """In this process (conftest.run_cli): test_bad_input.py shows the same line from a real one."""
+  proc = run_cli(f"--config={ROOT}/configs/demo.py", f"--workdir={tmp_path / 'run'}",
+                 f"--config.data_dir={data_dir}", flag)
   assert expected in error_line(proc)
 
 
 def test_batch_not_divisible_by_devices(tmp_path, data_dir):
-  proc = run_train(str(tmp_path / "run"), *TINY, f"--config.data_dir={data_dir}",
-                   "--config.batch_size=12", devices=8, check=False)
+  proc = run_cli(f"--config={ROOT}/configs/demo.py", f"--workdir={tmp_path / 'run'}", *TINY,
+                 f"--config.data_dir={data_dir}", "--config.batch_size=12")  # On 8 devices.
   assert error_line(proc) == ("error: batch_size 12 is not divisible by the 8 devices; use a "
                               "multiple of 8 (e.g. --config.batch_size=8).")
 

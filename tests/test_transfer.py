@@ -20,8 +20,6 @@ from big_transfer.errors import UserError
 from configs import transfer as transfer_config
 from conftest import ROOT, train_env
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
-import compact_npz  # noqa: E402  pylint: disable=g-import-not-at-top
 
 TEST_IMAGES = {"a": 3, "b": 2, "c": 2}  # A zero head predicts class 0: top-1 = 3/7.
 PP_16 = {"pp_train": "decode|resize(18)|random_crop(16)|flip_lr|value_range(-1, 1)",
@@ -42,15 +40,6 @@ def folder(tmp_path_factory):
         jpeg = tf.io.encode_jpeg(tf.constant(image, tf.uint8)).numpy()
         (root / split / name / f"{i}.jpg").write_bytes(jpeg)
   return str(root)
-
-
-@pytest.fixture(scope="module")
-def official_npz(tmp_path_factory):
-  """A BiT-R14x1 in the released .npz layout, with a 10-class head."""
-  path = str(tmp_path_factory.mktemp("npz") / "BiT-R14x1.npz")
-  fixture = compact_npz.load_fixture(compact_npz.fixture_path("timm_bit_r14x1.npz"))
-  compact_npz.write_official_npz(fixture["params"], path)
-  return path
 
 
 def _config(folder, arg="", **overrides):
@@ -168,12 +157,12 @@ def test_overrides_in_other_units_and_the_rule_s_switches(folder):
 # ---- Transfer through the real command -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cli_run(folder, official_npz, tmp_path_factory):
+def cli_run(folder, r14x1_npz, tmp_path_factory):
   """The real command from a BiT .npz for one step: with the head at zero the first update
   leaves the backbone as loaded (its gradient is zero, and transfer has no weight decay)."""
   workdir = str(tmp_path_factory.mktemp("from_npz") / "run")
   flags = [f"--config.{k}={v}" for k, v in {
-      **PP_16, "init": official_npz, "total_steps": 1, "batch_size": 8,
+      **PP_16, "init": r14x1_npz, "total_steps": 1, "batch_size": 8,
       "log_every_steps": 1}.items()]
   proc = subprocess.run(
       [sys.executable, "-m", "big_transfer.train",
@@ -185,14 +174,14 @@ def cli_run(folder, official_npz, tmp_path_factory):
 
 
 def test_npz_backbone_loads_with_a_zero_head_and_every_test_image_counts(cli_run, folder,
-                                                                        official_npz):
+                                                                        r14x1_npz):
   workdir, stdout = cli_run
-  assert (f"Initialised from {official_npz}: R14x1 backbone loaded, a zero 3-class head "
+  assert (f"Initialised from {r14x1_npz}: R14x1 backbone loaded, a zero 3-class head "
           "(init_head=reset).") in stdout
   assert "step 1/1: loss 1.0986" in stdout  # ln 3: equal logits from the zero head.
   name, params = checkpoints.load_params(workdir)
   assert name == "R14x1"
-  backbone = checkpoints.load_bit_npz(official_npz, "R14x1", num_classes=0)
+  backbone = checkpoints.load_bit_npz(r14x1_npz, "R14x1", num_classes=0)
   flat = lambda tree: {"/".join(k.key for k in path): np.asarray(leaf)
                        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
   trained = flat(params)
@@ -209,14 +198,14 @@ def test_npz_backbone_loads_with_a_zero_head_and_every_test_image_counts(cli_run
   assert record["top1"] * 7 == pytest.approx(round(record["top1"] * 7)) and record["top5"] == 1.0
   assert {k: record[k] for k in ("task", "model", "init", "shots", "steps")} == {
       "task": f"folder:{folder}", "model": "BiT-S-R14x1",
-      "init": official_npz, "shots": None, "steps": 1}
+      "init": r14x1_npz, "shots": None, "steps": 1}
   assert record["wall_s"] > 0 and record["config"]["pp_train"] == PP_16["pp_train"]
   assert record["config"]["schedule"]["warmup_steps"] == 100  # Resolved by the rule.
   assert os.path.exists(os.path.join(workdir, "config.json"))
 
 
 def test_transfer_from_our_workdir_with_shots_and_a_test_resolution_phase(
-    cli_run, folder, tmp_path, capsys):
+    cli_run, folder, tmp_path, capsys, one_device):
   source, _ = cli_run
   # The params a run starts from: the source workdir's backbone as stored, a zero head.
   _, stored = checkpoints.load_params(source)
@@ -269,14 +258,14 @@ def test_test_resolution_phase_switches_preprocessing(folder):
 
 # ---- One-line errors ---------------------------------------------------------------------------
 
-def test_missing_or_mismatched_init_is_one_line(folder, official_npz, tmp_path):
+def test_missing_or_mismatched_init_is_one_line(folder, r14x1_npz, tmp_path):
   cases = [
       ({"init": str(tmp_path / "missing.npz")}, "does not exist; check the path"),
-      ({"init": official_npz, "model.name": "R26x1"},
-       f"--config.init={official_npz} holds R14x1 but config.model.name is R26x1; set "
+      ({"init": r14x1_npz, "model.name": "R26x1"},
+       f"--config.init={r14x1_npz} holds R14x1 but config.model.name is R26x1; set "
        "--config.model.name=R14x1 or pass a R26x1 checkpoint."),
       ({"init": str(tmp_path)}, "holds no checkpoint"),
-      ({"init": official_npz, "init_head": "keep"}, "has a 10-class head but num_classes=3"),
+      ({"init": r14x1_npz, "init_head": "keep"}, "has a 10-class head but num_classes=3"),
   ]
   for overrides, message in cases:
     workdir = tmp_path / "run"
