@@ -12,7 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from big_transfer import config_common, evaluate, objectives, sharding, trainer, validate
+from big_transfer import (config_common, evaluate, fewshot_eval, objectives, sharding, trainer,
+                          validate)
 from big_transfer.data import preprocess
 from big_transfer.errors import UserError
 from configs import hpt
@@ -232,3 +233,12 @@ def test_ridge_probe_separates_separable_features():
   assert result["accuracy"] > 0.95 and result["count"] == 100 and result["top5"] == 1.0
   chance = evaluate.ridge_probe(x[:200], rng.permutation(labels[:200]), x[200:], labels[200:], 3)
   assert chance["accuracy"] < 0.6
+  # One implementation with the few-shot evaluator: a single candidate is its fixed-L2 probe.
+  fixed = evaluate.ridge_probe(x[:200], labels[:200], x[200:], labels[200:], 3,
+                               l2_candidates=(fewshot_eval.L2_REG,))
+  assert fixed["l2"] == fewshot_eval.L2_REG and fixed["accuracy"] == fewshot_eval.accuracy(
+      x[:200], labels[:200], x[200:], labels[200:], 3)
+  # The held-out choice avoids a strength that flattens every score to the bias.
+  assert evaluate.ridge_probe(x[:200], labels[:200], x[200:], labels[200:], 3,
+                              l2_candidates=(1e12,))["accuracy"] < 0.6
+  assert fewshot_eval.choose_l2(x[:200], labels[:200], 3, (1e12, 1.0)) == 1.0
