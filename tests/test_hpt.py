@@ -12,8 +12,9 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from big_transfer import (config_common, evaluate, fewshot_eval, objectives, sharding, trainer,
-                          validate)
+from big_transfer import (config_common, evaluate, fewshot_eval, objectives, results, sharding,
+                          trainer, transfer, validate)
+from big_transfer.experiments import hpt_cifar10
 from big_transfer.data import preprocess
 from big_transfer.errors import UserError
 from configs import hpt
@@ -187,10 +188,16 @@ def _checkpoint(workdir, step):
                                                          "default"))
 
 
-def test_crashed_moco_run_resumes_bitwise(tmp_path, data_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def moco_run(tmp_path_factory, data_dir):
+  """(workdir, final metrics) of the tiny MoCo run on the digits, 4 steps."""
+  workdir = str(tmp_path_factory.mktemp("moco") / "reference")
+  return workdir, trainer.run(_tiny(data_dir=data_dir), workdir)
+
+
+def test_crashed_moco_run_resumes_bitwise(moco_run, tmp_path, data_dir, monkeypatch):
   config = _tiny(data_dir=data_dir)
-  reference = str(tmp_path / "reference")
-  result = trainer.run(config, reference)
+  reference, result = moco_run
   assert 0 <= result["accuracy"] <= 1 and result["count"] == 360  # The probe's, on test.
 
   interrupted = str(tmp_path / "interrupted")
@@ -222,6 +229,51 @@ def test_crashed_moco_run_resumes_bitwise(tmp_path, data_dir, monkeypatch):
   assert int(expected["['moco']['queue_pointer']"]) == 0  # 4 batches of 16 in a queue of 32.
   assert logged_losses(interrupted) == logged_losses(reference)
   assert resumed == result
+
+
+def _colour_folder(root, train_per_class: int, test_per_class: int) -> str:
+  """root/{train,test}/{a,b,c}/*.jpg: 16x16 noise, each class brighter in its own channel."""
+  rng = np.random.default_rng(0)
+  for split, count in (("train", train_per_class), ("test", test_per_class)):
+    for label, name in enumerate("abc"):
+      os.makedirs(root / split / name)
+      for i in range(count):
+        image = rng.integers(0, 80, (16, 16, 3))
+        image[..., label] += 150
+        (root / split / name / f"{i}.jpg").write_bytes(
+            tf.io.encode_jpeg(tf.constant(image, tf.uint8)).numpy())
+  return str(root)
+
+
+def test_fine_tuning_on_labels_starts_from_the_moco_backbone(moco_run, tmp_path):
+  """The experiment's semi-supervised row: BiT-HyperRule transfer with `init` = a MoCo workdir
+  starts from its query encoder's backbone (the projection dropped) and a zero head, and
+  trains and evaluates through the same engine."""
+  moco_workdir, _ = moco_run
+  target = _colour_folder(tmp_path / "target", train_per_class=4, test_per_class=2)
+  config = config_common.with_overrides(hpt_cifar10.finetune_config(target, moco_workdir, 2), {
+      "shots": 4, "batch_size": 8, "eval_batch_size": 8})
+  assert config.init == moco_workdir and config.loss == "softmax_xent"
+  resolved = transfer.resolve(config).config
+  mesh = sharding.make_mesh()
+  setup = trainer.build(resolved, mesh, num_classes=3, num_train_examples=12)
+  with jax.set_mesh(mesh):
+    state = setup.init(jax.random.key(0), transfer.init_params(
+        resolved, 3, setup.state_shardings["params"]))
+  params = _flat(state["params"])
+  moco = _flat(_checkpoint(moco_workdir, 4)["params"])
+  backbone = {k: v for k, v in moco.items() if "projection" not in k}
+  assert len(backbone) < len(moco) and not any("projection" in k for k in params)
+  head = ["['head']['conv2d']['kernel']", "['head']['conv2d']['bias']"]
+  assert set(params) == set(backbone) | set(head)
+  for key in backbone:
+    np.testing.assert_array_equal(params[key], backbone[key], err_msg=key)
+  assert params[head[0]].shape == (2048, 3) and params[head[1]].shape == (3,)
+  assert not params[head[0]].any() and not params[head[1]].any()
+
+  result = trainer.run(config, str(tmp_path / "finetune"))
+  assert result["count"] == 6 and 0 <= result["accuracy"] <= 1
+  assert results.load(str(tmp_path / "finetune"))["init"] == moco_workdir
 
 
 def test_ridge_probe_separates_separable_features():
