@@ -3,6 +3,9 @@
 
 import dataclasses
 import os
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,8 @@ from big_transfer.experiments import hpt_cifar10
 from big_transfer.data import preprocess
 from big_transfer.errors import UserError
 from configs import hpt
-from conftest import logged_losses
+from conftest import ROOT, logged_losses, train_env
+from helpers import moco_processes
 
 VIEWS = ("decode|resize(18)|views(2)|inception_crop(16, 0.2)|color_jitter(0.4, 0.4, 0.4, 0.1, "
          "0.8)|random_grayscale(0.2)|gaussian_blur(0.5, 0.1, 1.0)|flip_lr|value_range(-1, 1)")
@@ -294,3 +298,29 @@ def test_ridge_probe_separates_separable_features():
   assert evaluate.ridge_probe(x[:200], labels[:200], x[200:], labels[200:], 3,
                               l2_candidates=(1e12,))["accuracy"] < 0.6
   assert fewshot_eval.choose_l2(x[:200], labels[:200], 3, (1e12, 1.0)) == 1.0
+
+
+def test_two_processes_keep_the_queue_and_encoders_of_one(tmp_path):
+  """2 processes x 4 devices (jax.distributed on localhost) against this process's 8 devices,
+  3 MoCo steps: the queue (rows in global batch order), its pointer, the key encoder and the
+  params agree. Not bitwise: the gradients' all-reduce sums in another order across processes
+  (Gloo) than within one, so the params, and through them the later keys, differ by rounding."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "two_processes.npz"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "helpers.moco_processes", str(port), "2", str(i), str(out)],
+      cwd=ROOT / "tests", env={**train_env(4), "PYTHONPATH": str(ROOT)},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  expected = moco_processes.run()
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+  actual = dict(np.load(out))
+  assert actual.keys() == expected.keys() and len(expected) > 40
+  assert int(actual["moco/queue_pointer"]) == int(expected["moco/queue_pointer"]) == 16
+  queue = expected["moco/queue"]  # Rows far apart against the tolerance: a reordering shows.
+  assert np.min(np.abs(queue[:, None] - queue[None]).max(-1) + np.eye(32)) > 1e-3
+  for key in expected:
+    np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
