@@ -119,6 +119,28 @@ def test_views_are_checked_against_the_objective():
                   sharding.make_mesh(), 10, 100)
 
 
+@pytest.mark.parametrize("override, fix", [
+    ({"batch_split": 2}, "batch_split=1"),
+    ({"state_sharding": "fsdp"}, "state_sharding=replicated"),
+    ({"mixup_alpha": 0.1}, "mixup_alpha=0"),
+    ({"cutmix_alpha": 1.0}, "cutmix_alpha=0"),
+    ({"loss": "distill_kl", "distill.model": "R14x1"}, "loss=softmax_xent"),
+    ({"model.drop_path_rate": 0.1}, "model.drop_path_rate=0"),
+    ({"moco.momentum": 1.0}, "moco.momentum 1.0 must be in [0, 1)"),
+    ({"moco.temperature": 0.0}, "moco.temperature 0.0 must be positive"),
+    ({"objective": "simclr"}, "Unknown objective 'simclr'; valid: supervised, moco."),
+])
+def test_moco_refuses_what_it_does_not_support(override, fix):
+  config = config_common.with_overrides(hpt.get_config("cpu"), override)
+  with pytest.raises(UserError) as error:
+    trainer.build(config, sharding.make_mesh(), 10, 100)
+  message = str(error.value)
+  assert fix in message and "\n" not in message, message
+  if "=" in fix:
+    assert message.startswith("objective=moco supports ") and message.endswith(
+        f"set --config.{fix}."), message
+
+
 def _tiny(**overrides):
   config = hpt.get_config("cpu")
   config.dataset = "sklearn_digits"
