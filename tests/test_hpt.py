@@ -324,9 +324,10 @@ def test_ridge_probe_separates_separable_features():
 
 def test_two_processes_keep_the_queue_and_encoders_of_one(tmp_path):
   """2 processes x 4 devices (jax.distributed on localhost) against this process's 8 devices,
-  3 MoCo steps: the queue (rows in global batch order), its pointer, the key encoder and the
-  params agree. Not bitwise: the gradients' all-reduce sums in another order across processes
-  (Gloo) than within one, so the params, and through them the later keys, differ by rounding."""
+  3 MoCo steps: the queue (rows in global batch order; after the first step and at the end),
+  its pointer, the key encoder and the params agree. To rounding, not bitwise: each process
+  compiles its own program (the first step's keys already differ by up to 7e-7) and the
+  gradients' all-reduce sums in another order across processes (Gloo); at most 5e-6 seen."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -343,6 +344,6 @@ def test_two_processes_keep_the_queue_and_encoders_of_one(tmp_path):
   assert actual.keys() == expected.keys() and len(expected) > 40
   assert int(actual["moco/queue_pointer"]) == int(expected["moco/queue_pointer"]) == 16
   queue = expected["moco/queue"]  # Rows far apart against the tolerance: a reordering shows.
-  assert np.min(np.abs(queue[:, None] - queue[None]).max(-1) + np.eye(32)) > 1e-3
+  assert np.min(np.abs(queue[:, None] - queue[None]).max(-1) + np.eye(32)) > 1e-2
   for key in expected:
     np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
