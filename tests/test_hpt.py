@@ -17,9 +17,9 @@ import tensorflow as tf
 
 from big_transfer import (config_common, evaluate, fewshot_eval, objectives, results, sharding,
                           trainer, transfer, validate)
-from big_transfer.experiments import hpt_cifar10
 from big_transfer.data import preprocess
 from big_transfer.errors import UserError
+from big_transfer.experiments import hpt_cifar10
 from configs import hpt
 from conftest import ROOT, logged_losses, train_env
 from helpers import moco_processes
