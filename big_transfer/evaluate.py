@@ -1,16 +1,16 @@
 """Evaluators. Classification: top-1 accuracy (precision@1 for multi-hot labels), top-5 (a
 correct class among the 5 highest logits) and loss over every example exactly once, padding
-masked out. Linear probe: a ridge classifier fitted to frozen pre-logits (self-supervised
-objectives, whose models have no classifier)."""
+masked out. Linear probe: the few-shot evaluator's ridge classifier fitted to frozen pre-logits
+(self-supervised objectives, whose models have no classifier)."""
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from big_transfer import sharding
+from big_transfer import fewshot_eval, sharding
 
 
 def make_classification_step(apply_fn: Callable, loss_fn: Callable):
@@ -60,41 +60,22 @@ def features(step: Callable, params, batches: Iterable[dict], mesh) -> tuple[np.
   return np.concatenate(chunks), np.concatenate(labels)
 
 
-RIDGE_L2 = tuple(10.0 ** e for e in range(-2, 5))  # Relative to the mean eigenvalue.
+# Absolute, on standardised features (fewshot_eval.fit); big_vision's fixed 2^10 among them.
+RIDGE_L2 = tuple(2.0 ** e for e in range(0, 17, 2))
 
 
 def ridge_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                test_y: np.ndarray, num_classes: int) -> dict[str, float]:
-  """A linear classifier on frozen features: ridge regression onto +-1 targets (big_vision's
-  few-shot probe), features standardised with the training set's statistics. Its L2 strength
-  is the one of RIDGE_L2 that classifies every 5th training example best when fitted to the
-  others; then it is fitted to all. Returns accuracy, top5, loss (the test squared error) and
-  count, as `classification` does."""
-  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-  standard = lambda x: (x - mean) / std
-  targets = lambda y: 2.0 * np.eye(num_classes)[y] - 1.0
-  held = np.arange(len(train_x)) % 5 == 0
-
-  def fit(x, y):
-    """Weight functions of the L2 strength, from one eigendecomposition; bias by centring."""
-    x_mean, t = x.mean(0), targets(y)
-    t_mean = t.mean(0)
-    eigvals, eigvecs = np.linalg.eigh((x - x_mean).T @ (x - x_mean))
-    projected = eigvecs.T @ ((x - x_mean).T @ (t - t_mean))
-    scale = max(eigvals.mean(), 1e-12)
-
-    def predict(l2, queries):
-      weights = eigvecs @ (projected / (eigvals + l2 * scale)[:, None])
-      return (queries - x_mean) @ weights + t_mean
-    return predict
-
-  train_x, test_x = standard(train_x), standard(test_x)
-  predict = fit(train_x[~held], train_y[~held])
-  accuracy = lambda l2: np.mean(np.argmax(predict(l2, train_x[held]), -1) == train_y[held])
-  best = max(RIDGE_L2, key=lambda l2: (accuracy(l2), l2))
-  scores = fit(train_x, train_y)(best, test_x)
+                test_y: np.ndarray, num_classes: int,
+                l2_candidates: Sequence[float] = RIDGE_L2) -> dict[str, float]:
+  """A linear classifier on frozen features: the few-shot evaluator's closed-form ridge
+  regression onto +-1 targets (fewshot_eval.fit, big_vision's probe), with the L2 strength of
+  `l2_candidates` that classifies held-out training examples best (fewshot_eval.choose_l2;
+  one candidate: that strength). Returns accuracy, top5, loss (the test squared error),
+  count, as `classification` does, and the chosen l2."""
+  best = fewshot_eval.choose_l2(train_x, train_y, num_classes, l2_candidates)
+  scores = fewshot_eval.scores(fewshot_eval.fit(train_x, train_y, num_classes, best), test_x)
   top5 = np.argsort(-scores, axis=-1)[:, :5]
   return {"accuracy": float(np.mean(top5[:, 0] == test_y)),
           "top5": float(np.mean(np.any(top5 == test_y[:, None], axis=-1))),
-          "loss": float(np.mean(np.square(scores - targets(test_y)))),
+          "loss": float(np.mean(np.square(scores - (2.0 * np.eye(num_classes)[test_y] - 1.0)))),
           "count": float(len(test_y)), "l2": best}

@@ -3,6 +3,9 @@
 
 import dataclasses
 import os
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +15,14 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from big_transfer import config_common, evaluate, objectives, sharding, trainer, validate
+from big_transfer import (config_common, evaluate, fewshot_eval, objectives, results, sharding,
+                          trainer, transfer, validate)
 from big_transfer.data import preprocess
 from big_transfer.errors import UserError
+from big_transfer.experiments import hpt_cifar10
 from configs import hpt
-from conftest import logged_losses
+from conftest import ROOT, logged_losses, train_env
+from helpers import moco_processes
 
 VIEWS = ("decode|resize(18)|views(2)|inception_crop(16, 0.2)|color_jitter(0.4, 0.4, 0.4, 0.1, "
          "0.8)|random_grayscale(0.2)|gaussian_blur(0.5, 0.1, 1.0)|flip_lr|value_range(-1, 1)")
@@ -113,6 +119,28 @@ def test_views_are_checked_against_the_objective():
                   sharding.make_mesh(), 10, 100)
 
 
+@pytest.mark.parametrize("override, fix", [
+    ({"batch_split": 2}, "batch_split=1"),
+    ({"state_sharding": "fsdp"}, "state_sharding=replicated"),
+    ({"mixup_alpha": 0.1}, "mixup_alpha=0"),
+    ({"cutmix_alpha": 1.0}, "cutmix_alpha=0"),
+    ({"loss": "distill_kl", "distill.model": "R14x1"}, "loss=softmax_xent"),
+    ({"model.drop_path_rate": 0.1}, "model.drop_path_rate=0"),
+    ({"moco.momentum": 1.0}, "moco.momentum 1.0 must be in [0, 1)"),
+    ({"moco.temperature": 0.0}, "moco.temperature 0.0 must be positive"),
+    ({"objective": "simclr"}, "Unknown objective 'simclr'; valid: supervised, moco."),
+])
+def test_moco_refuses_what_it_does_not_support(override, fix):
+  config = config_common.with_overrides(hpt.get_config("cpu"), override)
+  with pytest.raises(UserError) as error:
+    trainer.build(config, sharding.make_mesh(), 10, 100)
+  message = str(error.value)
+  assert fix in message and "\n" not in message, message
+  if "=" in fix:
+    assert message.startswith("objective=moco supports ") and message.endswith(
+        f"set --config.{fix}."), message
+
+
 def _tiny(**overrides):
   config = hpt.get_config("cpu")
   config.dataset = "sklearn_digits"
@@ -136,9 +164,14 @@ def _flat(tree) -> dict[str, np.ndarray]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 
-def test_projection_head_and_normalised_embeddings():
+def test_projection_head_and_two_moco_steps_by_hand():
+  """The model's shapes and state at step 0, then two steps against MoCo's algorithm written
+  out with the tested pieces: the key encoder moves towards the query encoder (before its
+  update), then embeds the second views; InfoNCE of the first views' queries against them and
+  the queue as it was; the keys (not the queries) enter the queue at its pointer."""
   mesh = sharding.make_mesh()
-  setup = trainer.build(_tiny(), mesh, num_classes=10, num_train_examples=100)
+  config = _tiny()
+  setup = trainer.build(config, mesh, num_classes=10, num_train_examples=100)
   params = setup.abstract_state["params"]
   assert "head" not in params  # The backbone without its classifier, plus the projection.
   assert params["projection"]["dense1"]["kernel"].shape == (2048, 64)
@@ -151,6 +184,27 @@ def test_projection_head_and_normalised_embeddings():
   assert moco["queue"].shape == (32, 16) and int(moco["queue_pointer"]) == 0
   for a, b in zip(jax.tree.leaves(moco["key_params"]), jax.tree.leaves(state["params"])):
     np.testing.assert_array_equal(a, b)  # The key encoder starts as the query encoder.
+
+  embed = jax.jit(setup.apply_fn)
+  params, key_params = (jax.device_get(state[k]) for k in ("params", "params"))
+  queue = np.array(moco["queue"])
+  rng = np.random.default_rng(1)
+  for i in range(2):
+    views = rng.uniform(-1, 1, (16, 2, 16, 16, 3)).astype(np.float32)
+    key_params = objectives.ema(key_params, params, config.moco.momentum)
+    keys = np.asarray(embed(key_params, views[:, 1]))
+    expected_loss = np.mean(objectives.info_nce(embed(params, views[:, 0]), keys, queue, 0.2))
+    batch = {"image": views, "labels": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)]}
+    with jax.set_mesh(mesh):
+      state, metrics = setup.train_step(state, sharding.to_global(batch, mesh))
+    np.testing.assert_allclose(float(metrics["loss"]), expected_loss, rtol=1e-5)
+    queue[16 * i:16 * (i + 1)] = keys
+    # Embedded over 8 devices vs on one: rounding differences (up to 2e-6 seen).
+    np.testing.assert_allclose(state["moco"]["queue"], queue, atol=2e-5)
+    assert int(state["moco"]["queue_pointer"]) == (16 * (i + 1)) % 32
+    for a, b in zip(jax.tree.leaves(state["moco"]["key_params"]), jax.tree.leaves(key_params)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    params = jax.device_get(state["params"])
 
 
 def test_norm_only_changes_group_norm_and_projection_only():
@@ -186,10 +240,16 @@ def _checkpoint(workdir, step):
                                                          "default"))
 
 
-def test_crashed_moco_run_resumes_bitwise(tmp_path, data_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def moco_run(tmp_path_factory, data_dir):
+  """(workdir, final metrics) of the tiny MoCo run on the digits, 4 steps."""
+  workdir = str(tmp_path_factory.mktemp("moco") / "reference")
+  return workdir, trainer.run(_tiny(data_dir=data_dir), workdir)
+
+
+def test_crashed_moco_run_resumes_bitwise(moco_run, tmp_path, data_dir, monkeypatch):
   config = _tiny(data_dir=data_dir)
-  reference = str(tmp_path / "reference")
-  result = trainer.run(config, reference)
+  reference, result = moco_run
   assert 0 <= result["accuracy"] <= 1 and result["count"] == 360  # The probe's, on test.
 
   interrupted = str(tmp_path / "interrupted")
@@ -223,6 +283,51 @@ def test_crashed_moco_run_resumes_bitwise(tmp_path, data_dir, monkeypatch):
   assert resumed == result
 
 
+def _colour_folder(root, train_per_class: int, test_per_class: int) -> str:
+  """root/{train,test}/{a,b,c}/*.jpg: 16x16 noise, each class brighter in its own channel."""
+  rng = np.random.default_rng(0)
+  for split, count in (("train", train_per_class), ("test", test_per_class)):
+    for label, name in enumerate("abc"):
+      os.makedirs(root / split / name)
+      for i in range(count):
+        image = rng.integers(0, 80, (16, 16, 3))
+        image[..., label] += 150
+        (root / split / name / f"{i}.jpg").write_bytes(
+            tf.io.encode_jpeg(tf.constant(image, tf.uint8)).numpy())
+  return str(root)
+
+
+def test_fine_tuning_on_labels_starts_from_the_moco_backbone(moco_run, tmp_path):
+  """The experiment's semi-supervised row: BiT-HyperRule transfer with `init` = a MoCo workdir
+  starts from its query encoder's backbone (the projection dropped) and a zero head, and
+  trains and evaluates through the same engine."""
+  moco_workdir, _ = moco_run
+  target = _colour_folder(tmp_path / "target", train_per_class=4, test_per_class=2)
+  config = config_common.with_overrides(hpt_cifar10.finetune_config(target, moco_workdir, 2), {
+      "shots": 4, "batch_size": 8, "eval_batch_size": 8})
+  assert config.init == moco_workdir and config.loss == "softmax_xent"
+  resolved = transfer.resolve(config).config
+  mesh = sharding.make_mesh()
+  setup = trainer.build(resolved, mesh, num_classes=3, num_train_examples=12)
+  with jax.set_mesh(mesh):
+    state = setup.init(jax.random.key(0), transfer.init_params(
+        resolved, 3, setup.state_shardings["params"]))
+  params = _flat(state["params"])
+  moco = _flat(_checkpoint(moco_workdir, 4)["params"])
+  backbone = {k: v for k, v in moco.items() if "projection" not in k}
+  assert len(backbone) < len(moco) and not any("projection" in k for k in params)
+  head = ["['head']['conv2d']['kernel']", "['head']['conv2d']['bias']"]
+  assert set(params) == set(backbone) | set(head)
+  for key in backbone:
+    np.testing.assert_array_equal(params[key], backbone[key], err_msg=key)
+  assert params[head[0]].shape == (2048, 3) and params[head[1]].shape == (3,)
+  assert not params[head[0]].any() and not params[head[1]].any()
+
+  result = trainer.run(config, str(tmp_path / "finetune"))
+  assert result["count"] == 6 and 0 <= result["accuracy"] <= 1
+  assert results.load(str(tmp_path / "finetune"))["init"] == moco_workdir
+
+
 def test_ridge_probe_separates_separable_features():
   rng = np.random.default_rng(0)
   centres = rng.normal(size=(3, 8)) * 3
@@ -232,3 +337,39 @@ def test_ridge_probe_separates_separable_features():
   assert result["accuracy"] > 0.95 and result["count"] == 100 and result["top5"] == 1.0
   chance = evaluate.ridge_probe(x[:200], rng.permutation(labels[:200]), x[200:], labels[200:], 3)
   assert chance["accuracy"] < 0.6
+  # One implementation with the few-shot evaluator: a single candidate is its fixed-L2 probe.
+  fixed = evaluate.ridge_probe(x[:200], labels[:200], x[200:], labels[200:], 3,
+                               l2_candidates=(fewshot_eval.L2_REG,))
+  assert fixed["l2"] == fewshot_eval.L2_REG and fixed["accuracy"] == fewshot_eval.accuracy(
+      x[:200], labels[:200], x[200:], labels[200:], 3)
+  # The held-out choice avoids a strength that flattens every score to the bias.
+  assert evaluate.ridge_probe(x[:200], labels[:200], x[200:], labels[200:], 3,
+                              l2_candidates=(1e12,))["accuracy"] < 0.6
+  assert fewshot_eval.choose_l2(x[:200], labels[:200], 3, (1e12, 1.0)) == 1.0
+
+
+def test_two_processes_keep_the_queue_and_encoders_of_one(tmp_path):
+  """2 processes x 4 devices (jax.distributed on localhost) against this process's 8 devices,
+  3 MoCo steps: the queue (rows in global batch order; after the first step and at the end),
+  its pointer, the key encoder and the params agree. To rounding, not bitwise: each process
+  compiles its own program (the first step's keys already differ by up to 7e-7) and the
+  gradients' all-reduce sums in another order across processes (Gloo); at most 5e-6 seen."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  out = tmp_path / "two_processes.npz"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "helpers.moco_processes", str(port), "2", str(i), str(out)],
+      cwd=ROOT / "tests", env={**train_env(4), "PYTHONPATH": str(ROOT)},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  expected = moco_processes.run()
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+  actual = dict(np.load(out))
+  assert actual.keys() == expected.keys() and len(expected) > 40
+  assert int(actual["moco/queue_pointer"]) == int(expected["moco/queue_pointer"]) == 16
+  queue = expected["moco/queue"]  # Rows far apart against the tolerance: a reordering shows.
+  assert np.min(np.abs(queue[:, None] - queue[None]).max(-1) + np.eye(32)) > 1e-2
+  for key in expected:
+    np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
