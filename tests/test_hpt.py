@@ -21,7 +21,7 @@ from big_transfer.data import preprocess
 from big_transfer.errors import UserError
 from big_transfer.experiments import hpt_cifar10
 from configs import hpt
-from conftest import ROOT, logged_losses, train_env
+from conftest import ROOT, logged_losses, on_devices, train_env
 from helpers import moco_processes
 
 VIEWS = ("decode|resize(18)|views(2)|inception_crop(16, 0.2)|color_jitter(0.4, 0.4, 0.4, 0.1, "
@@ -207,7 +207,7 @@ def test_projection_head_and_two_moco_steps_by_hand():
     params = jax.device_get(state["params"])
 
 
-def test_norm_only_changes_group_norm_and_projection_only():
+def test_norm_only_changes_group_norm_and_projection_only(one_device):
   mesh = sharding.make_mesh()
   setup = trainer.build(_tiny(trainable="norm_only"), mesh, num_classes=10,
                         num_train_examples=100)
@@ -244,10 +244,12 @@ def _checkpoint(workdir, step):
 def moco_run(tmp_path_factory, data_dir):
   """(workdir, final metrics) of the tiny MoCo run on the digits, 4 steps."""
   workdir = str(tmp_path_factory.mktemp("moco") / "reference")
-  return workdir, trainer.run(_tiny(data_dir=data_dir), workdir)
+  with on_devices(1):  # The tests that use it run on one device too: it compiles faster.
+    return workdir, trainer.run(_tiny(data_dir=data_dir), workdir)
 
 
-def test_crashed_moco_run_resumes_bitwise(moco_run, tmp_path, data_dir, monkeypatch):
+def test_crashed_moco_run_resumes_bitwise(moco_run, tmp_path, data_dir, monkeypatch,
+                                          one_device):
   config = _tiny(data_dir=data_dir)
   reference, result = moco_run
   assert 0 <= result["accuracy"] <= 1 and result["count"] == 360  # The probe's, on test.
@@ -297,7 +299,7 @@ def _colour_folder(root, train_per_class: int, test_per_class: int) -> str:
   return str(root)
 
 
-def test_fine_tuning_on_labels_starts_from_the_moco_backbone(moco_run, tmp_path):
+def test_fine_tuning_on_labels_starts_from_the_moco_backbone(moco_run, tmp_path, one_device):
   """The experiment's semi-supervised row: BiT-HyperRule transfer with `init` = a MoCo workdir
   starts from its query encoder's backbone (the projection dropped) and a zero head, and
   trains and evaluates through the same engine."""

@@ -10,9 +10,9 @@ SGD = f"{REF}::test_one_and_two_sgd_steps_match_hand_computation"
 REAL_MASK = f"{REF}::test_decay_reaches_exactly_the_kernels_of_the_real_model"
 T = "tests/test_optim.py"
 
-DECAY = ("  if config.wd:\n"
-         "    chain.append(optax.add_decayed_weights(config.wd, mask=mask))\n")
-SGD_LINE = "  chain.append(optax.sgd(schedule, momentum=config.momentum))\n"
+DECAY = ("    if config.wd:\n"
+         "      chain.append(optax.add_decayed_weights(config.wd, mask=mask))\n")
+SGD_LINE = "    chain.append(optax.sgd(schedule, momentum=config.momentum))\n"
 
 MUTATIONS = [
     Mutation("wd_mask_ignored", OPTIM,

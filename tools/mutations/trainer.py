@@ -5,6 +5,7 @@ from mutations import Mutation
 TRAINER = "big_transfer/trainer.py"
 LOSSES = "big_transfer/losses.py"
 EVALUATE = "big_transfer/evaluate.py"
+OBJECTIVES = "big_transfer/objectives.py"
 STEP = "tests/test_reference_step.py"
 SGD_STEP = f"{STEP}::test_first_step_is_sgd_on_the_mean_cross_entropy"
 NAN = f"{STEP}::test_nan_batch_changes_nothing_and_training_continues_as_without_it"
@@ -35,9 +36,9 @@ MUTATIONS = [
              "jnp.where(finite, state[\"bad_step\"],",
              (f"{ENGINE}::test_non_finite_loss_never_reaches_the_state",),
              "bad_step reports the last non-finite step, not the first"),
-    Mutation("loss_summed_over_batch", TRAINER,
-             "loss = lambda p: jnp.mean(loss_fn(apply_fn(gather(p), images, rng), labels))",
-             "loss = lambda p: jnp.sum(loss_fn(apply_fn(gather(p), images, rng), labels))",
+    Mutation("loss_summed_over_batch", OBJECTIVES,
+             'return jnp.mean(loss_fn(apply_fn(params, batch["image"], rng), batch["labels"]))',
+             'return jnp.sum(loss_fn(apply_fn(params, batch["image"], rng), batch["labels"]))',
              (SGD_STEP,),
              "loss and gradient summed over the batch, not averaged"),
     Mutation("micro_batch_gradients_summed", TRAINER,
