@@ -2,7 +2,7 @@
 
     python -m big_transfer.benchmark --model=R50x1 --resolution=128 --batch_size=32 \
         [--dtype=bfloat16] [--state_sharding=fsdp] [--batch_split=k] [--steps=10] \
-        [--vs_timm [--timm_python=PATH]] [--json]
+        [--vs_timm [--timm_python=PATH] [--timm_compile]] [--json]
 
 Times the real step (`trainer.build(...).train_step`, the one `train` runs: forward, backward,
 SGD update) on one synthetic batch already on the devices, so the input pipeline is not
@@ -55,6 +55,9 @@ TIMM_PYTHON = flags.DEFINE_string(
 TIMM_CHANNELS_LAST = flags.DEFINE_bool(
     "timm_channels_last", True, "Run timm in torch.channels_last memory format (its faster "
     "layout for convolutions on CPU and GPU).")
+TIMM_COMPILE = flags.DEFINE_bool(
+    "timm_compile", False, "Wrap timm's model in torch.compile (compiled during the warm-up "
+    "steps; give --warmup >= 2).")
 CORES = flags.DEFINE_integer(
     "cores", None, "Pin this process and the timm worker to the first N CPU cores (both "
     "frameworks then size their thread pools to N); default: all cores.")
@@ -195,7 +198,7 @@ class TimmStep:
   """timm's same step in a worker process (big_transfer/benchmarks/timm_step.py)."""
 
   def __init__(self, python: str, config, batch_path: str, num_classes: int,
-               channels_last: bool):
+               channels_last: bool, compile_model: bool = False):
     from big_transfer import models  # pylint: disable=g-import-not-at-top
     from big_transfer.benchmarks import timm_step  # pylint: disable=g-import-not-at-top
     try:
@@ -208,7 +211,7 @@ class TimmStep:
     self.info = self._call(
         op="init", layers=list(layers), width=width, num_classes=num_classes,
         batch_path=batch_path, dtype=config.model.dtype, lr=config.lr, momentum=config.momentum,
-        wd=config.wd, channels_last=channels_last)
+        wd=config.wd, channels_last=channels_last, compile=compile_model)
 
   def _call(self, **command):
     try:
@@ -269,7 +272,8 @@ def _result(framework: str, device: str, times: tuple[list[float], list[float]],
 def run(model: str, resolution: int, batch_size: int, dtype: str = "float32",
         state_sharding: str = "replicated", batch_split: int = 1, num_classes: int = 1000,
         steps: int = 10, warmup: int = 2, block: int = 2, timm_python: str | None = None,
-        timm_channels_last: bool = True, log=print) -> list[Result]:
+        timm_channels_last: bool = True, timm_compile: bool = False,
+        log=print) -> list[Result]:
   """Measures our step (and timm's when `timm_python` is given); returns [ours, (timm)]."""
   # pylint: disable=g-import-not-at-top
   import jax
@@ -290,10 +294,12 @@ def run(model: str, resolution: int, batch_size: int, dtype: str = "float32",
       if timm_python:  # First: a missing torch fails before the long compile.
         path = os.path.join(tmp, "batch.npz")
         np.savez(path, **batch)
-        timm = TimmStep(timm_python, config, path, num_classes, timm_channels_last)
+        timm = TimmStep(timm_python, config, path, num_classes, timm_channels_last,
+                        timm_compile)
         log(f"timm: {timm.info['model']} ({timm.info['params']:,} parameters) on "
             f"{timm.info['device']}, torch {timm.info['torch']}, timm {timm.info['timm']}, "
-            f"{timm.info['threads']} threads, channels_last={timm.info['channels_last']}")
+            f"{timm.info['threads']} threads, channels_last={timm.info['channels_last']}, "
+            f"torch.compile={timm.info['compiled']}")
       ours = OurStep(config, batch, num_classes)
       log(f"Compiled our step in {ours.compile_s:.1f} s")
       # Peaks are measured before and after the steps, the higher kept: on a shared machine
@@ -386,7 +392,8 @@ def main(argv):
     results = run(MODEL.value, RESOLUTION.value, BATCH_SIZE.value, DTYPE.value,
                   STATE_SHARDING.value, BATCH_SPLIT.value, NUM_CLASSES.value, STEPS.value,
                   WARMUP.value, BLOCK.value, TIMM_PYTHON.value if VS_TIMM.value else None,
-                  TIMM_CHANNELS_LAST.value, log=lambda line: print(line, flush=True))
+                  TIMM_CHANNELS_LAST.value, TIMM_COMPILE.value,
+                  log=lambda line: print(line, flush=True))
   except errors.UserError as e:
     sys.exit(f"error: {e}")
   print(report(results, STEPS.value, WARMUP.value), flush=True)

@@ -87,9 +87,11 @@ def test_bad_input_is_a_user_error(overrides, message):
 
 @pytest.mark.skipif(not os.environ.get("BIT_TIMM_PYTHON"),
                     reason="set BIT_TIMM_PYTHON to an interpreter with torch and timm")
-def test_vs_timm_alternates_on_the_same_batch():
+@pytest.mark.parametrize("compile_timm", [False, True])
+def test_vs_timm_alternates_on_the_same_batch(compile_timm):
   proc = run_benchmark(*TINY, "--json", "--vs_timm", "--block=1",
-                       f"--timm_python={os.environ['BIT_TIMM_PYTHON']}")
+                       f"--timm_python={os.environ['BIT_TIMM_PYTHON']}",
+                       f"--timm_compile={compile_timm}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   flops = plan.analytic_train_flops("R14x1", (32, 32), 10) * 8
@@ -97,6 +99,7 @@ def test_vs_timm_alternates_on_the_same_batch():
   shapes = jax.eval_shape(models.get_model("R14x1", 10).init, jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))
   assert result["timm"]["details"]["params"] == sum(x.size for x in jax.tree.leaves(shapes))
+  assert result["timm"]["details"]["compiled"] == compile_timm
   assert result["ratio_vs_timm"] == pytest.approx(
       result["img_per_sec"] / result["timm"]["img_per_sec"])
   assert "Ratio ours / timm" in proc.stdout

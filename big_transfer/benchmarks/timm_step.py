@@ -11,7 +11,8 @@ ours), softmax cross-entropy, and loads the benchmark's batch from an .npz (NHWC
 one-hot labels) so both frameworks see the same inputs. `{"op": "steps", "n": k}` runs k
 training steps and replies with each one's wall and CPU seconds; `{"op": "matmul_peak"}`
 measures torch's matmul FLOP/s in the compute dtype; `{"op": "exit"}` ends. bfloat16 runs
-under `torch.autocast` (float32 parameters, as ours with model.dtype=bfloat16). This file
+under `torch.autocast` (float32 parameters, as ours with model.dtype=bfloat16); `compile`
+wraps the model in `torch.compile` (forward and backward; the optimizer stays eager). This file
 imports only torch, timm and numpy.
 """
 
@@ -28,7 +29,8 @@ class _Step:
   """timm model + optimizer + batch, ready to step."""
 
   def __init__(self, layers: list[int], width: int, num_classes: int, batch_path: str,
-               dtype: str, lr: float, momentum: float, wd: float, channels_last: bool):
+               dtype: str, lr: float, momentum: float, wd: float, channels_last: bool,
+               compile: bool = False):  # pylint: disable=redefined-builtin
     # pylint: disable=g-import-not-at-top
     import numpy as np
     import timm
@@ -48,11 +50,13 @@ class _Step:
                      norm_layer=partial(GroupNormAct, num_groups=32))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     self.memory_format = memory_format
-    self.model = net.to(self.device, memory_format=memory_format).train()
-    self.num_params = sum(p.numel() for p in self.model.parameters())
-    decay = [p for n, p in self.model.named_parameters() if n.endswith("weight") and p.ndim > 1]
-    no_decay = [p for n, p in self.model.named_parameters() if not (n.endswith("weight")
-                                                                     and p.ndim > 1)]
+    net = net.to(self.device, memory_format=memory_format).train()
+    self.num_params = sum(p.numel() for p in net.parameters())
+    decay = [p for n, p in net.named_parameters() if n.endswith("weight") and p.ndim > 1]
+    no_decay = [p for n, p in net.named_parameters() if not (n.endswith("weight") and p.ndim > 1)]
+    # torch.compile (TorchInductor) compiles at the first step, which the warm-up absorbs.
+    self.model = torch.compile(net) if compile else net
+    self.compiled = compile
     self.optimizer = torch.optim.SGD([{"params": decay, "weight_decay": wd},
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=lr, momentum=momentum)
@@ -128,7 +132,8 @@ def main():
         reply = {"model": step.name, "params": step.num_params, "device": str(step.device),
                  "threads": torch.get_num_threads(), "torch": torch.__version__,
                  "timm": sys.modules["timm"].__version__,
-                 "channels_last": step.memory_format == torch.channels_last}
+                 "channels_last": step.memory_format == torch.channels_last,
+                 "compiled": step.compiled}
       elif op == "steps":
         times, cpu_times = zip(*[step.step() for _ in range(command["n"])])
         reply = {"times": times, "cpu_times": cpu_times}
