@@ -154,8 +154,7 @@ def make_train_step(objective, tx, schedule, mesh, batch_split: int = 1,
 class Setup:
   """Everything about a run that does not need data."""
   model: Any
-  objective: objectives.Objective
-  apply_fn: Callable
+  objective: objectives.Objective  # Its apply_fn gives logits (or embeddings) from params.
   loss_fn: Callable  # Evaluation's loss against the labels (losses.eval_loss).
   schedule: optax.Schedule
   total_steps: int
@@ -221,8 +220,8 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
   shardings["step"] = shardings["bad_step"] = sharding.replicated(mesh)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  extra_keys = tuple(sorted(set(shapes) - {"step", "params", "opt_state", "bad_step",
-                                             "teacher"}))
+  extra_keys = tuple(sorted(jax.eval_shape(objective.init_extra, shapes["params"],
+                                           jax.random.key(0))))
   step = make_train_step(objective, tx, schedule, mesh, config.batch_split,
                          config.mixup_alpha, config.seed, config.state_sharding,
                          shardings["params"], cutmix_alpha=config.cutmix_alpha,
@@ -231,7 +230,7 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
   train_step = jax.jit(
       step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return Setup(model, objective, objective.apply_fn, loss_fn, schedule, total_steps, shardings,
+  return Setup(model, objective, loss_fn, schedule, total_steps, shardings,
                abstract_state, jax.jit(init_state, out_shardings=shardings), train_step)
 
 
@@ -419,7 +418,8 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
       if setup.objective.evaluator == "linear_probe":
         score = _linear_probe(config, dataset, setup, local_eval_batch, mesh)
       else:
-        eval_step = evaluate.make_classification_step(setup.apply_fn, setup.loss_fn)
+        eval_step = evaluate.make_classification_step(setup.objective.apply_fn,
+                                                       setup.loss_fn)
         score = lambda params, batches: evaluate.classification(eval_step, params, batches, mesh)
 
       def run_eval(step, params):

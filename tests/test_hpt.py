@@ -178,14 +178,14 @@ def test_projection_head_and_two_moco_steps_by_hand():
   assert params["projection"]["dense2"]["kernel"].shape == (64, 16)
   with jax.set_mesh(mesh):
     state = setup.init(jax.random.key(0))
-  embeddings = setup.apply_fn(state["params"], jnp.ones((2, 16, 16, 3)))
+  embeddings = setup.objective.apply_fn(state["params"], jnp.ones((2, 16, 16, 3)))
   np.testing.assert_allclose(jnp.linalg.norm(embeddings, axis=-1), 1.0, rtol=1e-5)
   moco = state["moco"]
   assert moco["queue"].shape == (32, 16) and int(moco["queue_pointer"]) == 0
   for a, b in zip(jax.tree.leaves(moco["key_params"]), jax.tree.leaves(state["params"])):
     np.testing.assert_array_equal(a, b)  # The key encoder starts as the query encoder.
 
-  embed = jax.jit(setup.apply_fn)
+  embed = jax.jit(setup.objective.apply_fn)
   params, key_params = (jax.device_get(state[k]) for k in ("params", "params"))
   queue = np.array(moco["queue"])
   rng = np.random.default_rng(1)
