@@ -18,8 +18,17 @@ import pytest
 
 from big_transfer import native_logs
 
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for `devices` fake CPU devices. LLVM at -O1 rather than XLA's default -O2: the
+  tests' tiny programs compile in ~75% of the CPU time (a model's init, threefry included, in
+  ~55%) and run as fast (docs/testing.md); every process of the suite uses the same flags, so
+  compiled programs and results agree between them."""
+  return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
+
+
 # In-process tests see 8 fake CPU devices (set before JAX initialises its backend).
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = xla_flags(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compiling dominates these tiny runs (~10 s per program on XLA:CPU, threefry init included), and
 # many trainer subprocesses compile the same programs: a persistent compilation cache, one per
@@ -115,8 +124,8 @@ def train_env(devices: int) -> dict[str, str]:
   TF_ENABLE_ONEDNN_OPTS=1 makes TensorFlow print its oneDNN import notice on every x86 CPU
   (by default only some CPUs do), so the output checks below see it whatever the machine.
   """
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "JAX_PLATFORMS": "cpu", "TF_ENABLE_ONEDNN_OPTS": "1"}
+  return {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
+          "TF_ENABLE_ONEDNN_OPTS": "1"}
 
 
 def error_line(proc) -> str:
@@ -178,12 +187,16 @@ def run_train(workdir, *flags, devices: int = 1, check: bool = True):
   return proc
 
 
-# The slowest files first: pytest-xdist (`-n`, one file per worker at a time) then balances the
-# rest of the suite around them.
-_SLOWEST_FIRST = ("test_upstream.py", "test_resilience.py", "test_recipes.py", "test_hpt.py",
-                  "test_cloud_storage.py", "test_engine.py", "test_train.py", "test_fewshot.py",
-                  "test_input_position.py", "test_transfer.py", "test_notebook.py",
-                  "test_plan.py")
+# The files in order of their wall time in CI (2 workers), the slowest first: pytest-xdist
+# (`--dist loadfile`) hands each worker its next file when it has two tests left, so the run
+# ends with small files on both workers rather than one worker still in a long file while the
+# other waits. The files not listed are short.
+_SLOWEST_FIRST = ("test_hpt.py", "test_upstream.py", "test_resilience.py", "test_engine.py",
+                  "test_recipes.py", "test_cloud_storage.py", "test_train.py",
+                  "test_reliability.py", "test_input_position.py", "test_scaling.py",
+                  "test_transfer.py", "test_plan.py", "test_tools.py", "test_fewshot.py",
+                  "test_models.py", "test_notebook.py", "test_benchmark.py",
+                  "test_checkpoints.py", "test_reference_step.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from big_transfer import config_common, errors, plan
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from configs import demo
 
 GiB = plan.GiB
@@ -23,7 +23,7 @@ TINY = ["--config.pp_train=decode|resize(18)|random_crop(16)|flip_lr|value_range
 
 
 def run_plan(*flags, devices: int = 1):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
   if not any(f.startswith("--topology") for f in flags):
     env["JAX_PLATFORMS"] = "cpu"
   cmd = [sys.executable, "-m", "big_transfer.plan", f"--config={ROOT}/configs/demo.py", *flags]

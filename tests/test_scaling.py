@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from big_transfer import config_common, errors, plan, scaling, sharding
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from configs import bit_m, demo
 
 PARAM_BYTES = 4  # float32 parameters, hence float32 gradients.
@@ -205,7 +205,7 @@ def test_schedule_images_of_bit_m():
 
 
 def _run_plan(*flags):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
   env.pop("JAX_PLATFORMS", None)
   cmd = [sys.executable, "-m", "big_transfer.plan", f"--config={ROOT}/configs/demo.py",
          "--config.model.name=R14x1", "--config.batch_size=16",
