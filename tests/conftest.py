@@ -141,22 +141,26 @@ def error_line(proc) -> str:
   return lines[-1]
 
 
-def run_cli(*argv):
-  """`python -m big_transfer.train ARGV` run in this process (no imports or compiles to pay):
-  an object with `returncode` and `stderr` as a subprocess would give, for `error_line`. The
-  `error: ...` message is what sys.exit would print; the exit code is 1 for a message."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from big_transfer import cli, train  # pylint: disable=g-import-not-at-top
+def run_cli(*argv, module: str = "train"):
+  """`python -m big_transfer.MODULE ARGV` (train, plan) run in this process (no imports or
+  compiles to pay): an object with `returncode` and `stderr` as a subprocess would give, for
+  `error_line`. The `error: ...` message is what sys.exit would print; the exit code is 1 for
+  a message."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from big_transfer import cli  # pylint: disable=g-import-not-at-top
+  main = importlib.import_module(f"big_transfer.{module}").main
   flags.FLAGS.unparse_flags()
   stderr = io.StringIO()
   code = 0
-  argv = ["train", *argv]
+  argv = [module, *argv]
   saved_argv, sys.argv = sys.argv, argv  # ml_collections reads the overrides from sys.argv.
+  verbosity = logging.get_verbosity()  # The planner lowers it.
   try:
     # The CLI ends a TrainingError with os._exit (see train.main): here, a SystemExit.
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()), \
          unittest.mock.patch.object(os, "_exit", sys.exit):
-      train.main(cli.parse_flags(argv))
+      main(cli.parse_flags(argv))
   except SystemExit as e:
     if isinstance(e.code, str):
       stderr.write(e.code + "\n")
@@ -165,6 +169,7 @@ def run_cli(*argv):
       code = e.code or 0
   finally:
     sys.argv = saved_argv
+    logging.set_verbosity(verbosity)
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # Defined per parse.
       delattr(flags.FLAGS, name)
   return types.SimpleNamespace(returncode=code, stderr=stderr.getvalue(), stdout="")

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from big_transfer import config_common, errors, plan
-from conftest import ROOT, xla_flags
+from conftest import ROOT, error_line, run_cli, xla_flags
 from configs import demo
 
 GiB = plan.GiB
@@ -117,10 +117,9 @@ def test_local_cpu_report():
     (["--config.pp_train=decode|value_range(-1, 1)"], "does not produce one fixed image size"),
 ])
 def test_bad_input_is_one_line(flags, message):
-  proc = run_plan(*TINY, *flags)
-  assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
-  assert message in proc.stderr.strip().splitlines()[-1]
+  """In this process (conftest.run_cli); test_local_cpu_report runs the real command."""
+  proc = run_cli(f"--config={ROOT}/configs/demo.py", *TINY, *flags, module="plan")
+  assert message in error_line(proc)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
