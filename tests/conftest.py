@@ -3,6 +3,7 @@ can choose its own fake device count (XLA_FLAGS must be set before JAX starts)."
 
 import atexit
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -21,9 +22,9 @@ from big_transfer import native_logs
 
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for `devices` fake CPU devices. LLVM at -O1 rather than XLA's default -O2: the
-  tests' tiny programs compile in ~75% of the CPU time (a model's init, threefry included, in
-  ~55%) and run as fast (docs/testing.md); every process of the suite uses the same flags, so
-  compiled programs and results agree between them."""
+  tests' tiny programs compile in less CPU time (R14x1's train step ~85%, its random init, all
+  threefry, ~55%) and run as fast (docs/testing.md); every process of the suite uses the same
+  flags, so compiled programs and results agree between them."""
   return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
 
 
@@ -146,7 +147,6 @@ def run_cli(*argv, module: str = "train"):
   compiles to pay): an object with `returncode` and `stderr` as a subprocess would give, for
   `error_line`. The `error: ...` message is what sys.exit would print; the exit code is 1 for
   a message."""
-  import importlib  # pylint: disable=g-import-not-at-top
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
   from big_transfer import cli  # pylint: disable=g-import-not-at-top
   main = importlib.import_module(f"big_transfer.{module}").main
