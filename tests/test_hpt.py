@@ -356,7 +356,8 @@ def test_two_processes_keep_the_queue_and_encoders_of_one(tmp_path):
   3 MoCo steps: the queue (rows in global batch order; after the first step and at the end),
   its pointer, the key encoder and the params agree. To rounding, not bitwise: each process
   compiles its own program (the first step's keys already differ by up to 7e-7) and the
-  gradients' all-reduce sums in another order across processes (Gloo); at most 5e-6 seen."""
+  gradients' all-reduce sums in another order across processes (Gloo); at most 5e-6 seen
+  with 2 x 4 devices against 8."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
