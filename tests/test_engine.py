@@ -17,7 +17,7 @@ from big_transfer.data import datasets, pipeline
 from big_transfer.errors import UserError
 from configs import demo
 
-STEPS = 20
+STEPS = 12  # Warmup to step 5, the base lr, and three steps after the decay at 9.
 
 
 def _config(**overrides):
@@ -31,7 +31,7 @@ def _config(**overrides):
   config.total_steps = STEPS
   config.schedule.warmup_steps = 5
   config.schedule.decay_epochs = None
-  config.schedule.decay_steps = (15,)
+  config.schedule.decay_steps = (9,)
   return config_common.with_overrides(config, overrides)
 
 
