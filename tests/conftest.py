@@ -3,6 +3,7 @@ can choose its own fake device count (XLA_FLAGS must be set before JAX starts)."
 
 import atexit
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -18,8 +19,17 @@ import pytest
 
 from big_transfer import native_logs
 
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for `devices` fake CPU devices. LLVM at -O1 rather than XLA's default -O2: the
+  tests' tiny programs compile in less CPU time (R14x1's train step ~85%, its random init, all
+  threefry, ~55%) and run as fast (docs/testing.md); every process of the suite uses the same
+  flags, so compiled programs and results agree between them."""
+  return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
+
+
 # In-process tests see 8 fake CPU devices (set before JAX initialises its backend).
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = xla_flags(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compiling dominates these tiny runs (~10 s per program on XLA:CPU, threefry init included), and
 # many trainer subprocesses compile the same programs: a persistent compilation cache, one per
@@ -115,8 +125,8 @@ def train_env(devices: int) -> dict[str, str]:
   TF_ENABLE_ONEDNN_OPTS=1 makes TensorFlow print its oneDNN import notice on every x86 CPU
   (by default only some CPUs do), so the output checks below see it whatever the machine.
   """
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-          "JAX_PLATFORMS": "cpu", "TF_ENABLE_ONEDNN_OPTS": "1"}
+  return {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
+          "TF_ENABLE_ONEDNN_OPTS": "1"}
 
 
 def error_line(proc) -> str:
@@ -132,22 +142,25 @@ def error_line(proc) -> str:
   return lines[-1]
 
 
-def run_cli(*argv):
-  """`python -m big_transfer.train ARGV` run in this process (no imports or compiles to pay):
-  an object with `returncode` and `stderr` as a subprocess would give, for `error_line`. The
-  `error: ...` message is what sys.exit would print; the exit code is 1 for a message."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from big_transfer import cli, train  # pylint: disable=g-import-not-at-top
+def run_cli(*argv, module: str = "train"):
+  """`python -m big_transfer.MODULE ARGV` (train, plan) run in this process (no imports or
+  compiles to pay): an object with `returncode` and `stderr` as a subprocess would give, for
+  `error_line`. The `error: ...` message is what sys.exit would print; the exit code is 1 for
+  a message."""
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from big_transfer import cli  # pylint: disable=g-import-not-at-top
+  main = importlib.import_module(f"big_transfer.{module}").main
   flags.FLAGS.unparse_flags()
   stderr = io.StringIO()
   code = 0
-  argv = ["train", *argv]
+  argv = [module, *argv]
   saved_argv, sys.argv = sys.argv, argv  # ml_collections reads the overrides from sys.argv.
+  verbosity = logging.get_verbosity()  # The planner lowers it.
   try:
     # The CLI ends a TrainingError with os._exit (see train.main): here, a SystemExit.
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()), \
          unittest.mock.patch.object(os, "_exit", sys.exit):
-      train.main(cli.parse_flags(argv))
+      main(cli.parse_flags(argv))
   except SystemExit as e:
     if isinstance(e.code, str):
       stderr.write(e.code + "\n")
@@ -156,6 +169,7 @@ def run_cli(*argv):
       code = e.code or 0
   finally:
     sys.argv = saved_argv
+    logging.set_verbosity(verbosity)
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # Defined per parse.
       delattr(flags.FLAGS, name)
   return types.SimpleNamespace(returncode=code, stderr=stderr.getvalue(), stdout="")
@@ -178,12 +192,16 @@ def run_train(workdir, *flags, devices: int = 1, check: bool = True):
   return proc
 
 
-# The slowest files first: pytest-xdist (`-n`, one file per worker at a time) then balances the
-# rest of the suite around them.
-_SLOWEST_FIRST = ("test_upstream.py", "test_resilience.py", "test_recipes.py", "test_hpt.py",
-                  "test_cloud_storage.py", "test_engine.py", "test_train.py", "test_fewshot.py",
-                  "test_input_position.py", "test_transfer.py", "test_notebook.py",
-                  "test_plan.py")
+# The files by their wall time in CI (2 workers), the longest first (CI's --durations, scaled by
+# the #19 trims): `--dist loadfile` hands a worker its next file when it has two tests left, and
+# a simulation of that rule on those durations ends both workers within seconds of each other.
+# The files not listed take seconds.
+_SLOWEST_FIRST = ("test_resilience.py", "test_upstream.py", "test_hpt.py", "test_recipes.py",
+                  "test_train.py", "test_engine.py", "test_cloud_storage.py",
+                  "test_input_position.py", "test_transfer.py", "test_scaling.py",
+                  "test_reliability.py", "test_fewshot.py", "test_plan.py", "test_tools.py",
+                  "test_notebook.py", "test_bad_input.py", "test_checkpoints.py",
+                  "test_models.py", "test_benchmark.py", "test_tasks.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,6 @@
 """HPT's MoCo-v2 objective: its pieces against hand computations, the two-view preprocessing,
-`trainable=norm_only`, and a MoCo run that crashes and resumes bitwise (8 fake devices)."""
+`trainable=norm_only`, a MoCo run that crashes and resumes bitwise, and the queue kept in order
+over several devices and processes."""
 
 import dataclasses
 import os
@@ -164,7 +165,7 @@ def _flat(tree) -> dict[str, np.ndarray]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 
-def test_projection_head_and_two_moco_steps_by_hand():
+def test_projection_head_and_two_moco_steps_by_hand(one_device):
   """The model's shapes and state at step 0, then two steps against MoCo's algorithm written
   out with the tested pieces: the key encoder moves towards the query encoder (before its
   update), then embeds the second views; InfoNCE of the first views' queries against them and
@@ -351,20 +352,22 @@ def test_ridge_probe_separates_separable_features():
 
 
 def test_two_processes_keep_the_queue_and_encoders_of_one(tmp_path):
-  """2 processes x 4 devices (jax.distributed on localhost) against this process's 8 devices,
+  """2 processes x 2 devices (jax.distributed on localhost) against 4 of this process's devices,
   3 MoCo steps: the queue (rows in global batch order; after the first step and at the end),
   its pointer, the key encoder and the params agree. To rounding, not bitwise: each process
   compiles its own program (the first step's keys already differ by up to 7e-7) and the
-  gradients' all-reduce sums in another order across processes (Gloo); at most 5e-6 seen."""
+  gradients' all-reduce sums in another order across processes (Gloo); at most 5e-6 seen
+  with 2 x 4 devices against 8."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   out = tmp_path / "two_processes.npz"
   procs = [subprocess.Popen(
       [sys.executable, "-m", "helpers.moco_processes", str(port), "2", str(i), str(out)],
-      cwd=ROOT / "tests", env={**train_env(4), "PYTHONPATH": str(ROOT)},
+      cwd=ROOT / "tests", env={**train_env(2), "PYTHONPATH": str(ROOT)},
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  expected = moco_processes.run()
+  with on_devices(4):
+    expected = moco_processes.run()
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err

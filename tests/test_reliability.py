@@ -19,7 +19,7 @@ from big_transfer import checkpoints, config_common, trainer, workdirs
 from big_transfer.errors import TrainingError, UserError
 from big_transfer.tools import fault_matrix
 from configs import demo
-from conftest import ROOT, TINY_CONFIG, error_line, run_cli
+from conftest import ROOT, TINY_CONFIG, error_line, run_cli, xla_flags
 
 # ---- The workdir lock -----------------------------------------------------------------------
 
@@ -213,10 +213,13 @@ def test_a_failed_write_is_one_line_naming_the_intact_checkpoint(tmp_path, monke
 # ---- The fault matrix's CI subset ---------------------------------------------------------------
 
 
-def test_fault_matrix_subset(tmp_path, data_dir):
+def test_fault_matrix_subset(tmp_path, data_dir, monkeypatch):
   """A second run on a live workdir is refused naming the first, which finishes untouched
   (nothing written before lost, byte for byte). The killed run's lock: test_resilience's kill
   test, whose resumes take it over; the rest of the matrix: docs/reliability.md."""
+  # The matrix's trainer runs inherit this environment: one device, not this process's eight
+  # (the lock does not depend on the device count; one compiles in ~60% of the CPU time).
+  monkeypatch.setenv("XLA_FLAGS", xla_flags(1))
   [row] = fault_matrix.run_matrix(["second_run"], repeats=1, seed=0, scratch=str(tmp_path),
                                   data_dir=data_dir, reference=False)
   print(fault_matrix.table([row], str(tmp_path)))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from big_transfer import config_common, errors, plan, scaling, sharding
-from conftest import ROOT
+from conftest import ROOT, error_line, run_cli, xla_flags
 from configs import bit_m, demo
 
 PARAM_BYTES = 4  # float32 parameters, hence float32 gradients.
@@ -205,7 +205,7 @@ def test_schedule_images_of_bit_m():
 
 
 def _run_plan(*flags):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
   env.pop("JAX_PLATFORMS", None)
   cmd = [sys.executable, "-m", "big_transfer.plan", f"--config={ROOT}/configs/demo.py",
          "--config.model.name=R14x1", "--config.batch_size=16",
@@ -215,10 +215,10 @@ def _run_plan(*flags):
 
 
 def test_scaling_bad_topology_is_one_line():
-  proc = _run_plan("--scaling=v9:1x1")
-  assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1].startswith(
-      "error: Cannot make TPU topology 'v9:1x1'")
+  """In this process (conftest.run_cli): the real command runs in test_plan.py and, with
+  libtpu, test_scaling_cli_end_to_end."""
+  proc = run_cli(f"--config={ROOT}/configs/demo.py", "--scaling=v9:1x1", module="plan")
+  assert error_line(proc).startswith("error: Cannot make TPU topology 'v9:1x1'")
 
 
 def test_scaling_refuses_an_mfu_outside_0_1():

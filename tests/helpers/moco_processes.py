@@ -6,7 +6,7 @@ Each process joins jax.distributed on localhost, builds the tiny MoCo run of `co
 global mesh and feeds its rows of each global batch (drawn from the step's number alone) for
 STEPS steps; process 0 writes the final queue, pointer, key encoder and params, and the queue
 after the first step, to OUT (.npz).
-`run()` is the same in the calling process (the test's one process with 8 devices).
+`run()` is the same in the calling process (the test, on 4 of its 8 devices: `conftest.on_devices`).
 """
 
 import sys
