@@ -174,3 +174,21 @@ def test_per_channel_group_norm_gradient_is_autodiff_of_the_grouped_form(dtype, 
   assert np.abs(np.asarray(dx, np.float32)).max() > 1e3
   if relu:
     assert 0.2 < np.mean(np.asarray(cpu_out) == 0) < 0.8
+
+
+def test_standardize_for_cpu_gradient_is_autodiff_of_standardize():
+  """The CPU form's closed-form weight-standardization VJP against JAX's autodiff of
+  `standardize`, on kernels whose per-output-channel variance is around WS's eps 1e-10 (and
+  two ordinary ones), under a cotangent that is not orthogonal to the statistics."""
+  rng = np.random.default_rng(5)
+  spread = np.concatenate([np.exp(rng.uniform(np.log(3e-6), np.log(3e-5), 6)), [0.1, 1.0]])
+  kernel = jnp.asarray(rng.uniform(-1e-3, 1e-3, 8) + spread * rng.standard_normal((3, 3, 6, 8)),
+                       jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal(kernel.shape) + 1.0, jnp.float32)
+  out, vjp = jax.vjp(bit.standardize, kernel)
+  cpu_out, cpu_vjp = jax.vjp(bit.standardize_for_cpu, kernel)
+  np.testing.assert_array_equal(cpu_out, out)
+  (grad,), (cpu_grad,) = vjp(cotangent), cpu_vjp(cotangent)
+  for o in range(8):  # Per output channel: the scales differ by 1e5.
+    np.testing.assert_allclose(cpu_grad[..., o], grad[..., o], rtol=1e-4,
+                               atol=1e-4 * np.abs(grad[..., o]).max())

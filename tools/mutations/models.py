@@ -10,6 +10,7 @@ WS = f"{REF}::test_weight_standardization_matches_numpy_with_variance_near_eps"
 TIMM = "tests/test_checkpoints.py::test_logits_and_pre_logits_match_timm"
 GN_VJP = ("tests/test_models.py::"
           "test_per_channel_group_norm_gradient_is_autodiff_of_the_grouped_form")
+WS_VJP = "tests/test_models.py::test_standardize_for_cpu_gradient_is_autodiff_of_standardize"
 CPU_FORM = "tests/test_models.py::test_for_cpu_form_is_the_same_function"
 BF16_PARITY = "tests/test_checkpoints.py::test_bfloat16_compute_stays_close_to_float32"
 
@@ -59,6 +60,10 @@ MUTATIONS = [
              "var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1, 2), keepdims=True)",
              "var = jnp.var(kernel, axis=(0, 1, 2), ddof=1, keepdims=True)", (WS, TIMM),
              "unbiased (n-1) kernel variance"),
+    Mutation("ws_cpu_vjp_without_variance_term", BIT,
+             "return (rstd * (g - mean_g - w * mean_gw),)", "return (rstd * (g - mean_g),)",
+             (WS_VJP, CPU_FORM),
+             "CPU form's weight-standardization gradient without the term through the variance"),
     Mutation("root_pool_pads_minus_inf", BIT,
              "x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))\n"
              "    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=\"VALID\")",
