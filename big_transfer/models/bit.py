@@ -7,7 +7,8 @@ official `.npz` key scheme (`root_block/standardized_conv2d/kernel`,
 rename of the `resnet/` prefix plus the head kernel's (1, 1, C, N) <-> (C, N) reshape.
 
 `for_cpu=True` computes the same function in the form XLA:CPU runs fastest (1x1 convolutions
-as matmuls, GroupNorm statistics per channel first; docs/performance.md has the measurements).
+as matmuls, GroupNorm statistics per channel first, closed-form gradients of GroupNorm + ReLU
+and of weight standardization; docs/performance.md has the measurements).
 The trainer sets it when its devices are CPUs, so TPU and GPU programs are not affected.
 """
 
@@ -134,8 +135,8 @@ def group_norm_per_channel(x: jax.Array, gamma: jax.Array, beta: jax.Array, grou
 
   The same mean and variance in another summation order: XLA:CPU reduces a group's
   interleaved (H, W, channel) elements several times slower than it reduces H and W. The
-  gradient is the closed form (`_group_norm_bwd`), which spares XLA:CPU passes over the
-  activations that autodiff of the forward takes (docs/performance.md).
+  gradient is the closed form (`_group_norm_bwd`), which XLA:CPU runs in fewer thunks than
+  autodiff of the forward (docs/performance.md).
   """
   return _group_norm_fwd(x, gamma, beta, groups, eps, relu)[0]
 
@@ -172,6 +173,8 @@ class GroupNorm(nn.Module):
 
   Statistics are taken in float32 whatever the compute dtype: the released weights were
   trained with exact statistics (big_vision warns that other variance formulas shift results).
+  `relu`: a ReLU on the output (the model has one after every GroupNorm; in the CPU form it is
+  part of the closed-form gradient, so its mask is recomputed rather than saved).
   """
   groups: int = GN_GROUPS
   eps: float = GN_EPS
