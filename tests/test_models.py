@@ -141,3 +141,54 @@ def test_per_channel_group_norm_matches_a_float64_reference():
   expected = ((xg - mean) / np.sqrt(var + 1e-5)).reshape(x.shape) * gamma + beta
   out = bit.group_norm_per_channel(jnp.asarray(x), gamma, beta, groups=4, eps=1e-5)
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+def test_per_channel_group_norm_gradient_is_autodiff_of_the_grouped_form(dtype, relu):
+  """The CPU form's closed-form VJP (custom_vjp) against JAX's autodiff of the grouped form:
+  outputs, input gradient and the gamma and beta gradients, on groups whose variance is near
+  eps (1e-8 to 1e-3, where the terms through the statistics are largest) and offsets up to 3,
+  with gammas of both signs so that a ReLU zeroes part of every group."""
+  rng = np.random.default_rng(4)
+  groups = (2, 1, 1, bit.GN_GROUPS, 1)
+  std = np.exp(rng.uniform(np.log(1e-4), np.log(3e-2), groups))
+  x = (rng.uniform(-3, 3, groups) + std * rng.standard_normal((2, 5, 3, bit.GN_GROUPS, 2)))
+  x = jnp.asarray(x.reshape(2, 5, 3, 2 * bit.GN_GROUPS), dtype)
+  params = {"gamma": jnp.asarray(rng.uniform(-2, 2, 64), jnp.float32),
+            "beta": jnp.asarray(rng.uniform(-1, 1, 64), jnp.float32)}
+  cotangent = jnp.asarray(rng.standard_normal(x.shape), dtype)
+  results = {}
+  for for_cpu in (False, True):
+    module = bit.GroupNorm(dtype=dtype, relu=relu, for_cpu=for_cpu)
+    out, vjp = jax.vjp(lambda x, p, m=module: m.apply({"params": p}, x), x, params)
+    results[for_cpu] = out, *vjp(cotangent)
+  (out, dx, dparams), (cpu_out, cpu_dx, cpu_dparams) = results[False], results[True]
+  assert cpu_out.dtype == cpu_dx.dtype == dtype
+  tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4  # Relative to the largest value.
+  for a, b in [(cpu_out, out), (cpu_dx, dx), (cpu_dparams["gamma"], dparams["gamma"]),
+               (cpu_dparams["beta"], dparams["beta"])]:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+  # The inputs reach the regime they are meant to: dx through 1 / sqrt(var + eps) ~ 1e2-1e4.
+  assert np.abs(np.asarray(dx, np.float32)).max() > 1e3
+  if relu:
+    assert 0.2 < np.mean(np.asarray(cpu_out) == 0) < 0.8
+
+
+def test_standardize_for_cpu_gradient_is_autodiff_of_standardize():
+  """The CPU form's closed-form weight-standardization VJP against JAX's autodiff of
+  `standardize`, on kernels whose per-output-channel variance is around WS's eps 1e-10 (and
+  two ordinary ones), under a cotangent that is not orthogonal to the statistics."""
+  rng = np.random.default_rng(5)
+  spread = np.concatenate([np.exp(rng.uniform(np.log(3e-6), np.log(3e-5), 6)), [0.1, 1.0]])
+  kernel = jnp.asarray(rng.uniform(-1e-3, 1e-3, 8) + spread * rng.standard_normal((3, 3, 6, 8)),
+                       jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal(kernel.shape) + 1.0, jnp.float32)
+  out, vjp = jax.vjp(bit.standardize, kernel)
+  cpu_out, cpu_vjp = jax.vjp(bit.standardize_for_cpu, kernel)
+  np.testing.assert_array_equal(cpu_out, out)
+  (grad,), (cpu_grad,) = vjp(cotangent), cpu_vjp(cotangent)
+  for o in range(8):  # Per output channel: the scales differ by 1e5.
+    np.testing.assert_allclose(cpu_grad[..., o], grad[..., o], rtol=1e-4,
+                               atol=1e-4 * np.abs(grad[..., o]).max())

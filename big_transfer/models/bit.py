@@ -7,10 +7,12 @@ official `.npz` key scheme (`root_block/standardized_conv2d/kernel`,
 rename of the `resnet/` prefix plus the head kernel's (1, 1, C, N) <-> (C, N) reshape.
 
 `for_cpu=True` computes the same function in the form XLA:CPU runs fastest (1x1 convolutions
-as matmuls, GroupNorm statistics per channel first; docs/performance.md has the measurements).
+as matmuls, GroupNorm statistics per channel first, closed-form gradients of GroupNorm + ReLU
+and of weight standardization; docs/performance.md has the measurements).
 The trainer sets it when its devices are CPUs, so TPU and GPU programs are not affected.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -31,11 +33,43 @@ GN_EPS = 1e-5
 GN_GROUPS = 32
 
 
-def standardize(kernel: jax.Array, eps: float = WS_EPS) -> jax.Array:
-  """Weight standardization of an HWIO kernel per output channel (biased variance)."""
+def _kernel_stats(kernel: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  """Per output channel of an HWIO kernel: mean and 1 / sqrt(biased variance + eps)."""
   mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
   var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1, 2), keepdims=True)
-  return (kernel - mean) * jax.lax.rsqrt(var + eps)
+  return mean, jax.lax.rsqrt(var + eps)
+
+
+def standardize(kernel: jax.Array, eps: float = WS_EPS) -> jax.Array:
+  """Weight standardization of an HWIO kernel per output channel (biased variance)."""
+  mean, rstd = _kernel_stats(kernel, eps)
+  return (kernel - mean) * rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def standardize_for_cpu(kernel: jax.Array, eps: float = WS_EPS) -> jax.Array:
+  """`standardize` with the closed-form gradient: with w = (kernel - mean) * rstd, per output
+  channel d kernel = rstd (g - mean(g) - w mean(g w)), two reductions where XLA:CPU's
+  autodiff of the forward takes three and more passes."""
+  return standardize(kernel, eps)
+
+
+def _standardize_fwd(kernel, eps):
+  mean, rstd = _kernel_stats(kernel, eps)
+  return (kernel - mean) * rstd, (kernel, mean, rstd)
+
+
+def _standardize_bwd(eps, residuals, g):
+  del eps
+  kernel, mean, rstd = residuals
+  w = (kernel - mean) * rstd
+  axes = (0, 1, 2)
+  mean_g, mean_gw = jnp.mean(g, axis=axes, keepdims=True), jnp.mean(g * w, axis=axes,
+                                                                    keepdims=True)
+  return (rstd * (g - mean_g - w * mean_gw),)
+
+
+standardize_for_cpu.defvjp(_standardize_fwd, _standardize_bwd)
 
 
 def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
@@ -73,28 +107,65 @@ class StdConv(nn.Module):
     k = self.kernel_size
     kernel = self.param("kernel", nn.initializers.he_normal(),
                         (k, k, x.shape[-1], self.features), jnp.float32)
-    kernel = standardize(kernel).astype(self.dtype)
+    kernel = (standardize_for_cpu if self.for_cpu else standardize)(kernel).astype(self.dtype)
     return conv(x.astype(self.dtype), kernel, self.strides, self.padding, self.for_cpu)
 
 
+def _group_mean(per_channel_sums: jax.Array, groups: int, count: int) -> jax.Array:
+  """(n, c) sums over H and W -> (n, 1, 1, c): each channel its group's mean over `count`."""
+  n, c = per_channel_sums.shape
+  sums = per_channel_sums.reshape(n, groups, c // groups).sum(axis=-1, keepdims=True)
+  return jnp.broadcast_to(sums / count, (n, groups, c // groups)).reshape(n, 1, 1, c)
+
+
+def _group_stats(x: jax.Array, groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
+  """Per channel, its group's two-pass mean and 1 / sqrt(var + eps), each (n, 1, 1, c)."""
+  count = x.size // (x.shape[0] * groups)
+  mean = _group_mean(jnp.sum(x, axis=(1, 2)), groups, count)
+  var = _group_mean(jnp.sum(jnp.square(x - mean), axis=(1, 2)), groups, count)
+  return mean, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def group_norm_per_channel(x: jax.Array, gamma: jax.Array, beta: jax.Array, groups: int,
-                           eps: float) -> jax.Array:
-  """GroupNorm of NHWC `x` with the grouped form's two-pass statistics, each sum taken over
-  H and W per channel first and then over the channels of a group.
+                           eps: float, relu: bool = False) -> jax.Array:
+  """GroupNorm of NHWC float32 `x` (then a ReLU if `relu`) with the grouped form's two-pass
+  statistics, each sum taken over H and W per channel first and then over the channels of a
+  group.
 
   The same mean and variance in another summation order: XLA:CPU reduces a group's
-  interleaved (H, W, channel) elements several times slower than it reduces H and W.
+  interleaved (H, W, channel) elements several times slower than it reduces H and W. The
+  gradient is the closed form (`_group_norm_bwd`), which XLA:CPU runs in fewer thunks than
+  autodiff of the forward (docs/performance.md).
   """
-  n, c = x.shape[0], x.shape[-1]
-  count = x.size // (n * groups)
+  return _group_norm_fwd(x, gamma, beta, groups, eps, relu)[0]
 
-  def group_mean(per_channel_sums):  # (n, c) -> (n, 1, 1, c): each channel its group's mean.
-    sums = per_channel_sums.reshape(n, groups, c // groups).sum(axis=-1, keepdims=True)
-    return jnp.broadcast_to(sums / count, (n, groups, c // groups)).reshape(n, 1, 1, c)
 
-  centered = x - group_mean(jnp.sum(x, axis=(1, 2)))
-  var = group_mean(jnp.sum(jnp.square(centered), axis=(1, 2)))
-  return centered * (jax.lax.rsqrt(var + eps) * gamma) + beta
+def _group_norm_fwd(x, gamma, beta, groups, eps, relu):
+  mean, rstd = _group_stats(x, groups, eps)
+  y = (x - mean) * (rstd * gamma) + beta
+  return jnp.maximum(y, 0) if relu else y, (x, gamma, beta, mean, rstd)
+
+
+def _group_norm_bwd(groups, eps, relu, residuals, g):
+  """With xhat = (x - mean) * rstd and y = gamma xhat + beta, per image and group:
+  dx = rstd (gamma g - mean(gamma g) - xhat mean(gamma g xhat)), each mean over the group's
+  elements, from the per-channel sums of g and g xhat that also give dbeta and dgamma.
+  Under a ReLU, g is zero where y <= 0 (jax.nn.relu's gradient); y is recomputed from x."""
+  del eps
+  x, gamma, beta, mean, rstd = residuals
+  count = x.size // (x.shape[0] * groups)
+  xhat = (x - mean) * rstd
+  if relu:
+    g = jnp.where(xhat * gamma + beta > 0, g, 0)
+  sum_g, sum_gxhat = jnp.sum(g, axis=(1, 2)), jnp.sum(g * xhat, axis=(1, 2))
+  mean_g = _group_mean(sum_g * gamma, groups, count)
+  mean_gxhat = _group_mean(sum_gxhat * gamma, groups, count)
+  dx = rstd * (gamma * g - mean_g - xhat * mean_gxhat)
+  return dx, jnp.sum(sum_gxhat, axis=0), jnp.sum(sum_g, axis=0)
+
+
+group_norm_per_channel.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 class GroupNorm(nn.Module):
@@ -102,11 +173,14 @@ class GroupNorm(nn.Module):
 
   Statistics are taken in float32 whatever the compute dtype: the released weights were
   trained with exact statistics (big_vision warns that other variance formulas shift results).
+  `relu`: a ReLU on the output (the model has one after every GroupNorm; in the CPU form it is
+  part of the closed-form gradient, so its mask is recomputed rather than saved).
   """
   groups: int = GN_GROUPS
   eps: float = GN_EPS
   dtype: Any = jnp.float32
   for_cpu: bool = False
+  relu: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -116,14 +190,15 @@ class GroupNorm(nn.Module):
     gamma = self.param("gamma", nn.initializers.ones, (c,), jnp.float32)
     beta = self.param("beta", nn.initializers.zeros, (c,), jnp.float32)
     if self.for_cpu:
-      return group_norm_per_channel(x.astype(jnp.float32), gamma, beta, self.groups,
-                                    self.eps).astype(self.dtype)
+      return group_norm_per_channel(x.astype(jnp.float32), gamma, beta, self.groups, self.eps,
+                                    self.relu).astype(self.dtype)
     xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.groups, c // self.groups))
     axes = (1, 2, 4)  # H, W and the channels of one group.
     mean = jnp.mean(xg, axis=axes, keepdims=True)
     var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
     xg = (xg - mean) * jax.lax.rsqrt(var + self.eps)
-    return (xg.reshape(x.shape) * gamma + beta).astype(self.dtype)
+    out = (xg.reshape(x.shape) * gamma + beta).astype(self.dtype)
+    return nn.relu(out) if self.relu else out
 
 
 class Projection(nn.Module):
@@ -169,7 +244,7 @@ class PreActConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(GroupNorm(dtype=self.dtype, for_cpu=self.for_cpu, name="group_norm")(x))
+    x = GroupNorm(dtype=self.dtype, relu=True, for_cpu=self.for_cpu, name="group_norm")(x)
     shortcut = None
     if self.projection:
       shortcut = Projection(self.projection, self.projection_strides, dtype=self.dtype,
@@ -329,7 +404,7 @@ class ResNetV2(nn.Module):
       x = Block(units, root * 2 ** (b - 1), 1 if b == 1 else 2, dtype=self.dtype,
                 residual_gain=self.residual_gain, drop_rates=rates[b - 1] if rates else (),
                 avg_down=self.avg_down, for_cpu=self.for_cpu, name=f"block{b}")(x, not train)
-    x = nn.relu(GroupNorm(dtype=self.dtype, for_cpu=self.for_cpu, name="group_norm")(x))
+    x = GroupNorm(dtype=self.dtype, relu=True, for_cpu=self.for_cpu, name="group_norm")(x)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if pre_logits or not self.num_classes:
       return features

@@ -8,9 +8,13 @@ GN = f"{REF}::test_group_norm_matches_numpy_with_variance_near_eps"
 GN_BF16 = f"{REF}::test_group_norm_statistics_are_float32_in_a_bfloat16_model"
 WS = f"{REF}::test_weight_standardization_matches_numpy_with_variance_near_eps"
 TIMM = "tests/test_checkpoints.py::test_logits_and_pre_logits_match_timm"
+GN_VJP = ("tests/test_models.py::"
+          "test_per_channel_group_norm_gradient_is_autodiff_of_the_grouped_form")
+WS_VJP = "tests/test_models.py::test_standardize_for_cpu_gradient_is_autodiff_of_standardize"
+CPU_FORM = "tests/test_models.py::test_for_cpu_form_is_the_same_function"
 BF16_PARITY = "tests/test_checkpoints.py::test_bfloat16_compute_stays_close_to_float32"
 
-UNIT_GN = "GroupNorm(dtype=self.dtype, for_cpu=self.for_cpu, name=\"group_norm\")"
+UNIT_GN = "GroupNorm(dtype=self.dtype, relu=True, for_cpu=self.for_cpu, name=\"group_norm\")"
 UNIT_PROJ = ("    if self.projection:\n"
              "      shortcut = Projection(self.projection, self.projection_strides, "
              "dtype=self.dtype,\n"
@@ -35,8 +39,15 @@ MUTATIONS = [
              "var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)",
              "var = jnp.mean(jnp.square(xg), axis=axes, keepdims=True) - jnp.square(mean)",
              (GN, TIMM), "one-pass variance E[x^2] - E[x]^2 (cancellation)"),
-    Mutation("gn_no_beta", BIT, "return (xg.reshape(x.shape) * gamma + beta)",
-             "return (xg.reshape(x.shape) * gamma)", (GN, TIMM), "GroupNorm offset dropped"),
+    Mutation("gn_no_beta", BIT, "out = (xg.reshape(x.shape) * gamma + beta)",
+             "out = (xg.reshape(x.shape) * gamma)", (GN, TIMM), "GroupNorm offset dropped"),
+    Mutation("gn_cpu_vjp_without_variance_term", BIT,
+             "dx = rstd * (gamma * g - mean_g - xhat * mean_gxhat)",
+             "dx = rstd * (gamma * g - mean_g)", (GN_VJP, CPU_FORM),
+             "CPU form's GroupNorm gradient without the term through the variance"),
+    Mutation("gn_cpu_vjp_ignores_relu", BIT, "g = jnp.where(xhat * gamma + beta > 0, g, 0)",
+             "g = jnp.where(xhat > 0, g, 0)", (GN_VJP, CPU_FORM),
+             "CPU form's ReLU gradient masked by the normalised input, not the output"),
     Mutation("ws_axes_hw", BIT,
              "mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)\n"
              "  var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1, 2), keepdims=True)",
@@ -49,6 +60,10 @@ MUTATIONS = [
              "var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1, 2), keepdims=True)",
              "var = jnp.var(kernel, axis=(0, 1, 2), ddof=1, keepdims=True)", (WS, TIMM),
              "unbiased (n-1) kernel variance"),
+    Mutation("ws_cpu_vjp_without_variance_term", BIT,
+             "return (rstd * (g - mean_g - w * mean_gw),)", "return (rstd * (g - mean_g),)",
+             (WS_VJP, CPU_FORM),
+             "CPU form's weight-standardization gradient without the term through the variance"),
     Mutation("root_pool_pads_minus_inf", BIT,
              "x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))\n"
              "    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=\"VALID\")",
@@ -58,12 +73,13 @@ MUTATIONS = [
     Mutation("root_conv_padding", BIT, "StdConv(self.features, 7, 2, padding=3,",
              "StdConv(self.features, 7, 2, padding=2,", (TIMM,),
              "root conv padding 2 (SAME-like) instead of symmetric 3"),
-    Mutation("preact_without_relu", BIT, f"x = nn.relu({UNIT_GN}(x))\n    shortcut = None",
-             f"x = {UNIT_GN}(x)\n    shortcut = None", (TIMM,),
+    Mutation("preact_without_relu", BIT, f"x = {UNIT_GN}(x)\n    shortcut = None",
+             f"x = {UNIT_GN.replace('relu=True', 'relu=False')}(x)\n    shortcut = None",
+             (TIMM,),
              "no ReLU after a unit's GroupNorm"),
     Mutation("projection_of_raw_input", BIT,
-             f"x = nn.relu({UNIT_GN}(x))\n    shortcut = None\n{UNIT_PROJ}",
-             f"a = nn.relu({UNIT_GN}(x))\n    shortcut = None\n{UNIT_PROJ}\n    x = a",
+             f"x = {UNIT_GN}(x)\n    shortcut = None\n{UNIT_PROJ}",
+             f"a = {UNIT_GN}(x)\n    shortcut = None\n{UNIT_PROJ}\n    x = a",
              (TIMM,), "shortcut projection of the unit's input instead of relu(GN(input))"),
     Mutation("stride_on_first_conv", BIT,
              "projection_strides=self.strides, avg_down=self.avg_down,\n"
