@@ -77,5 +77,5 @@ def ridge_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   top5 = np.argsort(-scores, axis=-1)[:, :5]
   return {"accuracy": float(np.mean(top5[:, 0] == test_y)),
           "top5": float(np.mean(np.any(top5 == test_y[:, None], axis=-1))),
-          "loss": float(np.mean(np.square(scores - (2.0 * np.eye(num_classes)[test_y] - 1.0)))),
+          "loss": float(np.mean(np.square(scores - fewshot_eval.targets(test_y, num_classes)))),
           "count": float(len(test_y)), "l2": best}

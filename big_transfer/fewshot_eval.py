@@ -56,6 +56,11 @@ def _design(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarr
   return np.concatenate([x, np.full((len(x), 1), BIAS_FEATURE)], axis=1)
 
 
+def targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """The regression targets of integer `labels`: one-hot mapped to {-1, +1}."""
+  return 2.0 * np.eye(num_classes)[labels] - 1.0
+
+
 def fit(features: np.ndarray, labels: np.ndarray, num_classes: int, l2_reg: float = L2_REG):
   """The linear classifier: (mean, std, weights) with weights of shape (dim + 1, classes).
 
@@ -67,7 +72,7 @@ def fit(features: np.ndarray, labels: np.ndarray, num_classes: int, l2_reg: floa
   mean = features.mean(axis=0)
   std = features.std(axis=0) + STD_EPS
   x = _design(features, mean, std)
-  y = 2.0 * np.eye(num_classes)[labels] - 1.0
+  y = targets(labels, num_classes)
   n, d = x.shape
   if n >= d:
     weights = np.linalg.solve(x.T @ x + l2_reg * np.eye(d), x.T @ y)
