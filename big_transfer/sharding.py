@@ -54,6 +54,19 @@ def runs_on_cpu(mesh) -> bool:
   return mesh.devices.flat[0].platform == "cpu"
 
 
+# XLA:CPU runs convolutions with Eigen rather than YNNPACK (dots and reductions stay on YNNPACK,
+# the rest of jaxlib 0.10.2's default): on R50x1's 3x3 convolutions Eigen took 0.82 s per step
+# against YNNPACK's 1.02 (forward and both gradients; docs/performance.md).
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def compiler_options(mesh) -> dict | None:
+  """XLA options for the programs that run the model on `mesh` (`jax.jit(compiler_options=)`):
+  CPU ones on XLA:CPU, none elsewhere, so TPU and GPU compile what they always did."""
+  return dict(_CPU_COMPILER_OPTIONS) if runs_on_cpu(mesh) else None
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

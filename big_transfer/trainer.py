@@ -229,7 +229,8 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
                          extra_keys=extra_keys)
   train_step = jax.jit(
       step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+      compiler_options=sharding.compiler_options(mesh))
   return Setup(model, objective, loss_fn, schedule, total_steps, shardings,
                abstract_state, jax.jit(init_state, out_shardings=shardings), train_step)
 

@@ -7,6 +7,7 @@ interpreter with torch and timm is named by BIT_TIMM_PYTHON (none in CI).
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -56,6 +57,25 @@ def test_cpu_mesh_builds_the_cpu_form_of_the_model():
   assert trainer.build(config, sharding.make_mesh(), 10, 8).model.for_cpu
 
 
+def _library_calls(hlo: str) -> dict[str, list[str]]:
+  """Opcodes of the computations each `__ynn_fusion` of a compiled HLO module calls."""
+  bodies = dict(re.findall(r"^%?([\w.-]+) \([^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S))
+  return {callee: re.findall(r"= \S+ ([a-z-]+)\(", bodies.get(callee, ""))
+          for callee in re.findall(r"calls=%?([\w.-]+)[^\n]*__ynn_fusion", hlo)}
+
+
+def test_cpu_step_runs_convolutions_outside_ynnpack():
+  """On CPU devices the step's convolutions are XLA's own (Eigen; YNNPACK's were slower,
+  docs/performance.md) while its dots and reductions stay YNNPACK fusions."""
+  config = benchmark.make_config("R14x1", 8, "float32", "replicated", 1)
+  batch = benchmark.synthetic_batch(8, 32, 10)
+  hlo = benchmark.OurStep(config, batch, 10).compiled.as_text()
+  library_ops = {op for ops in _library_calls(hlo).values() for op in ops}
+  assert "dot" in library_ops and "reduce" in library_ops, library_ops
+  assert "convolution" not in library_ops
+  assert len(re.findall(r"= \S+ convolution\(", hlo)) >= 3 * 4  # fwd, dx, dw of 3x3 convs.
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install -e '.[tpu]'); CI has none")
 def test_tpu_mesh_keeps_the_conv_form():
@@ -63,6 +83,7 @@ def test_tpu_mesh_keeps_the_conv_form():
   config = benchmark.make_config("R14x1", 8, "float32", "replicated", 1)
   mesh = sharding.make_mesh(plan.tpu_target("v3:2x2").devices)
   assert not trainer.build(config, mesh, 10, 8).model.for_cpu
+  assert sharding.compiler_options(mesh) is None
 
 
 @pytest.mark.parametrize("flags, message", [
