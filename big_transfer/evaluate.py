@@ -3,6 +3,7 @@ correct class among the 5 highest logits) and loss over every example exactly on
 masked out. Linear probe: the few-shot evaluator's ridge classifier fitted to frozen pre-logits
 (self-supervised objectives, whose models have no classifier)."""
 
+import functools
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -13,10 +14,10 @@ from jax.experimental import multihost_utils
 from big_transfer import fewshot_eval, sharding
 
 
-def make_classification_step(apply_fn: Callable, loss_fn: Callable):
+def make_classification_step(apply_fn: Callable, loss_fn: Callable, mesh):
   """Jitted (params, batch) -> sums of top-1 and top-5 hits, loss and real examples."""
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=sharding.compiler_options(mesh))
   def step(params, batch):
     logits = apply_fn(params, batch["image"])
     mask = batch["mask"].astype(jnp.float32)
@@ -40,10 +41,11 @@ def classification(step: Callable, params, batches: Iterable[dict], mesh) -> dic
           "loss": totals["loss"] / count, "count": totals["count"]}
 
 
-def make_features_step(features_fn: Callable):
+def make_features_step(features_fn: Callable, mesh):
   """Jitted (params, batch) -> (pre-logits, labels, mask), global arrays."""
   return jax.jit(lambda params, batch: (features_fn(params, batch["image"]), batch["labels"],
-                                        batch["mask"]))
+                                        batch["mask"]),
+                 compiler_options=sharding.compiler_options(mesh))
 
 
 def features(step: Callable, params, batches: Iterable[dict], mesh) -> tuple[np.ndarray, ...]:

@@ -152,7 +152,8 @@ class Evaluator:
               "label": jnp.argmax(batch["labels"], axis=-1),
               "position": batch["position"], "mask": batch["mask"]}
 
-    self._embed = jax.jit(embed, out_shardings=sharding.replicated(self.mesh))
+    self._embed = jax.jit(embed, out_shardings=sharding.replicated(self.mesh),
+                          compiler_options=sharding.compiler_options(self.mesh))
 
   def _features(self, params, split: str, subset: np.ndarray | None):
     """(features, labels, positions) of every example of `split` (or of `subset`)."""

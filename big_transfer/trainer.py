@@ -312,7 +312,7 @@ def _linear_probe(config, dataset, setup, local_batch: int, mesh):
   """(params, eval batches) -> the metrics of a ridge probe on the pre-logits, fitted to
   `probe_shots` random training examples per class (self-supervised objectives)."""
   subset = pipeline.few_shot_subset(dataset, config.train_split, config.probe_shots, config.seed)
-  step = evaluate.make_features_step(setup.objective.features_fn)
+  step = evaluate.make_features_step(setup.objective.features_fn, mesh)
 
   def probe(params, eval_batches):
     train_batches = pipeline.eval_iterator(
@@ -420,7 +420,7 @@ def _run(config: ml_collections.ConfigDict, dataset, workdir: str,
         score = _linear_probe(config, dataset, setup, local_eval_batch, mesh)
       else:
         eval_step = evaluate.make_classification_step(setup.objective.apply_fn,
-                                                       setup.loss_fn)
+                                                       setup.loss_fn, mesh)
         score = lambda params, batches: evaluate.classification(eval_step, params, batches, mesh)
 
       def run_eval(step, params):

@@ -163,7 +163,7 @@ def test_evaluation_counts_every_cifar10_test_image(cifar10_dir, batch, num_devi
   with jax.set_mesh(mesh):
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
     step = evaluate.make_classification_step(
-        lambda p, x: model.apply({"params": p}, x), losses.softmax_xent)
+        lambda p, x: model.apply({"params": p}, x), losses.softmax_xent, mesh)
     batches = pipeline.eval_iterator(cifar10, "test", "decode|resize(16)|value_range(-1, 1)",
                                      global_batch)
     result = evaluate.classification(step, params, batches, mesh)

@@ -197,8 +197,10 @@ def test_top1_and_top5_count_real_examples_only():
   true = [0, 2, 4, 5, 0, 0, 0, 0]  # Ranks 1, 3, 5, 6; the padding would all be top-1 hits.
   batch = {"image": logits, "labels": np.eye(7, dtype=np.float32)[true],
            "mask": np.arange(8) < 4}
-  step = evaluate.make_classification_step(lambda params, x: x, lambda x, y: jnp.zeros(len(x)))
-  result = evaluate.classification(step, None, [batch], sharding.make_mesh())
+  mesh = sharding.make_mesh()
+  step = evaluate.make_classification_step(lambda params, x: x, lambda x, y: jnp.zeros(len(x)),
+                                           mesh)
+  result = evaluate.classification(step, None, [batch], mesh)
   assert (result["accuracy"], result["top5"], result["count"]) == (0.25, 0.75, 4)
 
 

@@ -87,7 +87,7 @@ def probe(workdir: str, target: str) -> float:
   mesh = sharding.make_mesh()
   dataset = datasets.get(f"folder:{target}")
   subset = pipeline.few_shot_subset(dataset, "train", PROBE_SHOTS, 0)
-  step = evaluate.make_features_step(lambda p, x: model.apply({"params": p}, x))
+  step = evaluate.make_features_step(lambda p, x: model.apply({"params": p}, x), mesh)
   with jax.set_mesh(mesh):
     train = evaluate.features(step, params, pipeline.eval_iterator(
         dataset, "train", EVAL_PP, 64, subset=subset), mesh)
