@@ -192,3 +192,34 @@ def test_standardize_for_cpu_gradient_is_autodiff_of_standardize():
   for o in range(8):  # Per output channel: the scales differ by 1e5.
     np.testing.assert_allclose(cpu_grad[..., o], grad[..., o], rtol=1e-4,
                                atol=1e-4 * np.abs(grad[..., o]).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_strided_conv3x3_gradient_by_phases_is_autodiff_of_the_plain_conv(dtype):
+  """The CPU form's 3x3 stride-2 convolution (input gradient by phases, custom_vjp) against
+  JAX's autodiff of `lax.conv_general_dilated`: output, input and kernel gradients, on even,
+  odd and mixed sizes (the last row or column of the input then has no g[m + 1] term) down to
+  a single row. In bfloat16 each input-gradient element is rounded once, as the plain
+  convolution's is: within bfloat16's half step of the float32 gradient of the same values."""
+  rng = np.random.default_rng(6)
+  plain = functools.partial(jax.lax.conv_general_dilated, window_strides=(2, 2),
+                            padding=[(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  cpu = functools.partial(bit.conv, strides=2, padding=1, for_cpu=True)
+  for n, h, w, c, k in [(2, 8, 8, 16, 8), (2, 7, 9, 8, 16), (1, 5, 6, 3, 4), (3, 1, 2, 4, 5)]:
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, c, k)), dtype)
+    cotangent = jnp.asarray(rng.standard_normal((n, (h + 1) // 2, (w + 1) // 2, k)), dtype)
+    out, vjp = jax.vjp(plain, x, kernel)
+    cpu_out, cpu_vjp = jax.vjp(cpu, x, kernel)
+    np.testing.assert_array_equal(cpu_out, out)
+    (dx, dkernel), (cpu_dx, cpu_dkernel) = vjp(cotangent), cpu_vjp(cotangent)
+    assert cpu_dx.dtype == cpu_dkernel.dtype == dtype and cpu_dx.shape == x.shape
+    np.testing.assert_array_equal(cpu_dkernel, dkernel)
+    tol = 1e-2 if dtype == jnp.bfloat16 else 1e-6  # Relative to the largest value.
+    np.testing.assert_allclose(np.asarray(cpu_dx, np.float32), np.asarray(dx, np.float32),
+                               rtol=tol, atol=tol * np.abs(np.asarray(dx, np.float32)).max())
+    if dtype == jnp.bfloat16:
+      _, vjp32 = jax.vjp(plain, x.astype(jnp.float32), kernel.astype(jnp.float32))
+      dx32 = np.asarray(vjp32(cotangent.astype(jnp.float32))[0])
+      error = np.abs(np.asarray(cpu_dx, np.float32) - dx32)
+      assert np.all(error <= 2.0 ** -8 * np.abs(dx32) + 1e-6), error.max()

@@ -8,7 +8,8 @@ rename of the `resnet/` prefix plus the head kernel's (1, 1, C, N) <-> (C, N) re
 
 `for_cpu=True` computes the same function in the form XLA:CPU runs fastest (1x1 convolutions
 as matmuls, GroupNorm statistics per channel first, closed-form gradients of GroupNorm + ReLU
-and of weight standardization; docs/performance.md has the measurements).
+and of weight standardization, the input gradient of stride-2 3x3 convolutions by phases;
+docs/performance.md has the measurements).
 The trainer sets it when its devices are CPUs, so TPU and GPU programs are not affected.
 """
 
@@ -72,6 +73,14 @@ def _standardize_bwd(eps, residuals, g):
 standardize_for_cpu.defvjp(_standardize_fwd, _standardize_bwd)
 
 
+def _plain_conv(x: jax.Array, kernel: jax.Array, strides: int, padding) -> jax.Array:
+  """NHWC x HWIO convolution; `padding`: an int for both sides, or (before, after) per axis."""
+  if isinstance(padding, int):
+    padding = [(padding, padding)] * 2
+  return jax.lax.conv_general_dilated(x, kernel, (strides, strides), padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
          for_cpu: bool = False) -> jax.Array:
   """NHWC x HWIO convolution with symmetric zero padding.
@@ -82,15 +91,60 @@ def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
   transposes, several times slower than the matmul it is; the 2-D form also spares the
   transposed copy of the gradient that a 4-D dot_general gets. bfloat16 operands are
   accumulated in float32 (YNNPACK's fast bfloat16 path), rounded to bfloat16 once at the end
-  as the convolution's output is.
+  as the convolution's output is. A 3x3 convolution with stride 2 and padding 1 is the plain
+  convolution with the input gradient by phases (`conv3x3_stride2_for_cpu`).
   """
   if for_cpu and kernel.shape[:2] == (1, 1) and not padding:
     x = x[:, ::strides, ::strides]
     out = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel[0, 0],
                      preferred_element_type=jnp.float32)
     return out.astype(x.dtype).reshape(x.shape[:-1] + kernel.shape[-1:])
-  return jax.lax.conv_general_dilated(x, kernel, (strides, strides), [(padding, padding)] * 2,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if for_cpu and kernel.shape[:2] == (3, 3) and (strides, padding) == (2, 1):
+    return conv3x3_stride2_for_cpu(x, kernel)
+  return _plain_conv(x, kernel, strides, padding)
+
+
+@jax.custom_vjp
+def conv3x3_stride2_for_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The 3x3 convolution with stride 2 and padding 1, its input gradient computed by phases.
+
+  XLA:CPU computes that gradient as a convolution over the output gradient dilated with
+  zeros to the input's size, 4x the multiplications needed. By parity of the input row (and
+  likewise column), with x padded by one, output row i reads input rows 2i - 1, 2i, 2i + 1
+  through kernel rows 0, 1, 2: input row 2m gets g[m] k[1], row 2m + 1 gets g[m] k[2] +
+  g[m + 1] k[0]. Each of the four (row, column) parities is then a stride-1 convolution of
+  the output gradient with the 1x1, 1x2, 2x1 or 2x2 sub-kernel of its taps, the results
+  interleaved (and cropped to odd sizes): the same products, each summed once, rounded to
+  the compute dtype once as the plain convolution's gradient is. The weight gradient is
+  XLA's own (faster here than the same decomposition of the input: docs/performance.md).
+  """
+  return _plain_conv(x, kernel, 2, 1)
+
+
+def _conv3x3_stride2_fwd(x, kernel):
+  return _plain_conv(x, kernel, 2, 1), (x, kernel)
+
+
+# The kernel taps (in the order applied to g[m], g[m + 1]) reaching even and odd input rows.
+_PHASE_TAPS = (slice(1, 2), slice(None, None, -2))
+
+
+def _conv3x3_stride2_bwd(residuals, g):
+  x, kernel = residuals
+  n, h, w, c = x.shape
+  transposed = jnp.swapaxes(kernel, 2, 3)  # (3, 3, K, C): maps g's K channels to x's C.
+  rows = []
+  for row_parity, row_taps in enumerate(_PHASE_TAPS):
+    phases = [_plain_conv(g, transposed[row_taps, col_taps], 1,
+                          [(0, row_parity), (0, col_parity)])  # g[m + 1] = 0 past the end.
+              for col_parity, col_taps in enumerate(_PHASE_TAPS)]
+    rows.append(jnp.stack(phases, axis=3))  # (N, Ho, Wo, column parity, C)
+  interleaved = jnp.stack(rows, axis=2).reshape(n, 2 * g.shape[1], 2 * g.shape[2], c)
+  _, kernel_vjp = jax.vjp(lambda k: _plain_conv(x, k, 2, 1), kernel)
+  return interleaved[:, :h, :w], kernel_vjp(g)[0]
+
+
+conv3x3_stride2_for_cpu.defvjp(_conv3x3_stride2_fwd, _conv3x3_stride2_bwd)
 
 
 class StdConv(nn.Module):

@@ -12,6 +12,8 @@ GN_VJP = ("tests/test_models.py::"
           "test_per_channel_group_norm_gradient_is_autodiff_of_the_grouped_form")
 WS_VJP = "tests/test_models.py::test_standardize_for_cpu_gradient_is_autodiff_of_standardize"
 CPU_FORM = "tests/test_models.py::test_for_cpu_form_is_the_same_function"
+CONV_VJP = ("tests/test_models.py::"
+            "test_strided_conv3x3_gradient_by_phases_is_autodiff_of_the_plain_conv")
 BF16_PARITY = "tests/test_checkpoints.py::test_bfloat16_compute_stays_close_to_float32"
 
 UNIT_GN = "GroupNorm(dtype=self.dtype, relu=True, for_cpu=self.for_cpu, name=\"group_norm\")"
@@ -64,6 +66,16 @@ MUTATIONS = [
              "return (rstd * (g - mean_g - w * mean_gw),)", "return (rstd * (g - mean_g),)",
              (WS_VJP, CPU_FORM),
              "CPU form's weight-standardization gradient without the term through the variance"),
+    Mutation("conv3x3_phases_swapped", BIT, "rows.append(jnp.stack(phases, axis=3))",
+             "rows.append(jnp.stack(phases[::-1], axis=3))", (CONV_VJP, CPU_FORM),
+             "CPU form's strided 3x3 input gradient with the even and odd column phases swapped"),
+    Mutation("conv3x3_phase_taps_reversed", BIT,
+             "_PHASE_TAPS = (slice(1, 2), slice(None, None, -2))",
+             "_PHASE_TAPS = (slice(1, 2), slice(None, None, 2))", (CONV_VJP, CPU_FORM),
+             "CPU form's strided 3x3 input gradient: odd rows get g[m] k[0] + g[m + 1] k[2]"),
+    Mutation("conv3x3_phase_pads_before", BIT, "[(0, row_parity), (0, col_parity)])",
+             "[(row_parity, 0), (col_parity, 0)])", (CONV_VJP, CPU_FORM),
+             "CPU form's strided 3x3 input gradient: g padded before instead of after (g[m - 1])"),
     Mutation("root_pool_pads_minus_inf", BIT,
              "x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))\n"
              "    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=\"VALID\")",
