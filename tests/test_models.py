@@ -104,8 +104,9 @@ def test_unknown_model_names_valid_choices():
 
 
 def test_for_cpu_form_is_the_same_function():
-  """for_cpu (1x1 convolutions as matmuls, GroupNorm sums per channel first) changes only
-  the summation order: the same parameters give the same logits and gradients."""
+  """for_cpu (1x1 convolutions as matmuls, GroupNorm sums per channel first, closed-form
+  gradients, the root pool's gradient without a scatter) changes only the summation order: the
+  same parameters give the same logits and gradients."""
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
   labels = jax.nn.one_hot(jnp.arange(2), 10)
   params = jax.jit(models.get_model("R14x1", 10).init)(jax.random.key(0), x)["params"]

@@ -8,7 +8,8 @@ rename of the `resnet/` prefix plus the head kernel's (1, 1, C, N) <-> (C, N) re
 
 `for_cpu=True` computes the same function in the form XLA:CPU runs fastest (1x1 convolutions
 as matmuls, GroupNorm statistics per channel first, closed-form gradients of GroupNorm + ReLU
-and of weight standardization; docs/performance.md has the measurements).
+and of weight standardization, the root's max pool with an elementwise gradient;
+docs/performance.md has the measurements).
 The trainer sets it when its devices are CPUs, so TPU and GPU programs are not affected.
 """
 
@@ -388,7 +389,9 @@ def root_pool_for_cpu(x: jax.Array) -> jax.Array:
   equals the maximum, in row-major order (the tie rule of JAX's gradient, `>=` in
   select-and-scatter: tested on ties and on windows where a padding zero wins), placed by the
   parity of the input's rows and columns (each parity receives from known taps) and
-  interleaved, instead of scattered. Gradients that land on the padding are dropped.
+  interleaved, instead of scattered. Gradients that land on the padding are dropped. (A
+  window holding a NaN sends its gradient nowhere, JAX's to the NaN; its output is NaN
+  either way, and so is the loss, whose step the trainer's guard discards.)
   """
   return _root_pool_for_cpu(x, x.shape[1:3])
 
@@ -397,7 +400,8 @@ class Root(nn.Module):
   """pad 3 -> 7x7/2 conv -> zero pad 1 -> 3x3/2 VALID max-pool; no norm, no ReLU.
 
   The pool pads with zeros, not -inf: the conv output can be negative and the released
-  weights were trained this way.
+  weights were trained this way. `for_cpu`: the pad and pool as `root_pool_for_cpu` (the same
+  output and gradient, without XLA:CPU's scatter).
   """
   features: int
   dtype: Any = jnp.float32
