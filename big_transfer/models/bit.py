@@ -383,13 +383,13 @@ def root_pool_for_cpu(x: jax.Array) -> jax.Array:
   gradient as `nn.max_pool` of the padded `x` under `jax.vjp`, bit for bit.
 
   XLA:CPU differentiates reduce_window's max as a select-and-scatter, which it expands into
-  iotas and a scatter over the padded input (single-threaded loops, ~5% of an R50x1 step's
-  thunk time at 128 px). Here the forward is the maximum of the 9 strided taps and the
-  backward is elementwise: each output's gradient goes to the first tap of its window that
-  equals the maximum, in row-major order (the tie rule of JAX's gradient, `>=` in
-  select-and-scatter: tested on ties and on windows where a padding zero wins), placed by the
-  parity of the input's rows and columns (each parity receives from known taps) and
-  interleaved, instead of scattered. Gradients that land on the padding are dropped. (A
+  iotas, a variadic reduce-window and a scatter over the padded input (10% of an R50x1 step's
+  thunk time at 128 px, 2.5% in this form; the pool alone 4x less CPU time, docs/performance.md).
+  Here the forward is the maximum of the 9 strided taps and the backward is elementwise: each
+  output's gradient goes to the first tap of its window that equals the maximum, in row-major
+  order (the tie rule of JAX's gradient, `>=` in select-and-scatter: tested on ties and on
+  windows where a padding zero wins), placed by the parity of the input's rows and columns
+  (each parity receives from known taps) and interleaved, instead of scattered. Gradients that land on the padding are dropped. (A
   window holding a NaN sends its gradient nowhere, JAX's to the NaN; its output is NaN
   either way, and so is the loss, whose step the trainer's guard discards.)
   """
