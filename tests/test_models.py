@@ -131,7 +131,7 @@ def test_for_cpu_form_is_the_same_function():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
-def _root_pool_inputs(shape, dtype):
+def _root_pool_inputs(shape):
   """Normal values; then tie-heavy ones: integers in {-1, 0, 1} (ties between windows' maxima,
   some with the padding's zeros), constant 3x3 blocks (every tap a maximum) and values in
   {-2, -1, 0} (the padding's zeros win or tie on the border)."""
@@ -162,7 +162,7 @@ def test_root_pool_for_cpu_is_the_padded_max_pool_bit_for_bit(shape, dtype):
            for name, pool in [("reference", reference), ("cpu", bit.root_pool_for_cpu)]}
   out_shape = (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, shape[3])
   g = jnp.asarray(np.random.default_rng(1).normal(size=out_shape), dtype)
-  for kind, x in _root_pool_inputs(shape, dtype).items():
+  for kind, x in _root_pool_inputs(shape).items():
     x = jnp.asarray(x, dtype)
     (out, dx), (cpu_out, cpu_dx) = pools["reference"](x, g), pools["cpu"](x, g)
     assert cpu_out.shape == out_shape and cpu_dx.dtype == dtype, kind
@@ -171,7 +171,7 @@ def test_root_pool_for_cpu_is_the_padded_max_pool_bit_for_bit(shape, dtype):
     np.testing.assert_array_equal(np.asarray(cpu_dx, np.float32), np.asarray(dx, np.float32),
                                   err_msg=kind)
     if kind == "negative":  # Gradients of windows whose maximum is a padding zero are dropped.
-      assert np.sum(np.asarray(dx) != 0) < np.sum(np.asarray(g) != 0)
+      assert abs(np.sum(np.asarray(dx, np.float64)) - np.sum(np.asarray(g, np.float64))) > 0.1
 
 
 def test_per_channel_group_norm_matches_a_float64_reference():
