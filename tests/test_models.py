@@ -3,12 +3,13 @@ bit_jax/models.py; timm resnetv2.py)."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_transfer import models
+from big_transfer import models, sharding
 from big_transfer.errors import UserError
 from big_transfer.models import bit
 
@@ -103,8 +104,9 @@ def test_unknown_model_names_valid_choices():
 
 
 def test_for_cpu_form_is_the_same_function():
-  """for_cpu (1x1 convolutions as matmuls, GroupNorm sums per channel first) changes only
-  the summation order: the same parameters give the same logits and gradients."""
+  """for_cpu (1x1 convolutions as matmuls, GroupNorm sums per channel first, closed-form
+  gradients, the root pool's gradient without a scatter) changes only the summation order: the
+  same parameters give the same logits and gradients."""
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
   labels = jax.nn.one_hot(jnp.arange(2), 10)
   params = jax.jit(models.get_model("R14x1", 10).init)(jax.random.key(0), x)["params"]
@@ -127,6 +129,49 @@ def test_for_cpu_form_is_the_same_function():
   np.testing.assert_allclose(cpu_logits, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
   for a, b in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def _root_pool_inputs(shape):
+  """Normal values; then tie-heavy ones: integers in {-1, 0, 1} (ties between windows' maxima,
+  some with the padding's zeros), constant 3x3 blocks (every tap a maximum) and values in
+  {-2, -1, 0} (the padding's zeros win or tie on the border)."""
+  rng = np.random.default_rng(sum(shape))
+  constant = np.repeat(np.repeat(rng.integers(-1, 2, (shape[0], shape[1] // 3 + 1,
+                                                      shape[2] // 3 + 1, shape[3])), 3, 1), 3, 2)
+  return {"normal": rng.normal(size=shape), "ties": rng.integers(-1, 2, shape),
+          "constant": constant[:, :shape[1], :shape[2]], "negative": rng.integers(-2, 1, shape)}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 9, 11, 3), (3, 10, 8, 4)])
+def test_root_pool_for_cpu_is_the_padded_max_pool_bit_for_bit(shape, dtype):
+  """The CPU form's root pool against `nn.max_pool` of the zero-padded input under jax.vjp,
+  compiled as the CPU train step is: equal outputs and input gradients, bit for bit, also on
+  ties, where a gradient sent to another maximum than JAX's (the first of its window in
+  row-major order) moves a whole output's gradient. Odd and even sizes: at odd ones the last
+  windows reach the bottom and right padding."""
+  def reference(x):
+    return nn.max_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), (2, 2), "VALID")
+
+  def forward_and_gradient(pool, x, g):
+    out, vjp = jax.vjp(pool, x)
+    return out, vjp(g)[0]
+
+  options = sharding.compiler_options(sharding.make_mesh(jax.devices()[:1]))
+  pools = {name: jax.jit(functools.partial(forward_and_gradient, pool), compiler_options=options)
+           for name, pool in [("reference", reference), ("cpu", bit.root_pool_for_cpu)]}
+  out_shape = (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, shape[3])
+  g = jnp.asarray(np.random.default_rng(1).normal(size=out_shape), dtype)
+  for kind, x in _root_pool_inputs(shape).items():
+    x = jnp.asarray(x, dtype)
+    (out, dx), (cpu_out, cpu_dx) = pools["reference"](x, g), pools["cpu"](x, g)
+    assert cpu_out.shape == out_shape and cpu_dx.dtype == dtype, kind
+    np.testing.assert_array_equal(np.asarray(cpu_out, np.float32), np.asarray(out, np.float32),
+                                  err_msg=kind)
+    np.testing.assert_array_equal(np.asarray(cpu_dx, np.float32), np.asarray(dx, np.float32),
+                                  err_msg=kind)
+    if kind == "negative":  # Gradients of windows whose maximum is a padding zero are dropped.
+      assert abs(np.sum(np.asarray(dx, np.float64)) - np.sum(np.asarray(g, np.float64))) > 0.1
 
 
 def test_per_channel_group_norm_matches_a_float64_reference():

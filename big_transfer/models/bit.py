@@ -8,7 +8,8 @@ rename of the `resnet/` prefix plus the head kernel's (1, 1, C, N) <-> (C, N) re
 
 `for_cpu=True` computes the same function in the form XLA:CPU runs fastest (1x1 convolutions
 as matmuls, GroupNorm statistics per channel first, closed-form gradients of GroupNorm + ReLU
-and of weight standardization, the input gradient of stride-2 3x3 convolutions by phases;
+and of weight standardization, the input gradient of stride-2 3x3 convolutions by phases,
+the root's max pool with an elementwise gradient;
 docs/performance.md has the measurements).
 The trainer sets it when its devices are CPUs, so TPU and GPU programs are not affected.
 """
@@ -377,11 +378,84 @@ class Block(nn.Module):
     return x
 
 
+def _root_pool_taps(x: jax.Array) -> list[jax.Array]:
+  """The 9 taps of the root's pool, in row-major window order: x zero-padded by 1 on each
+  side, sliced at stride 2 from offset (i, j), each (n, ceil(h / 2), ceil(w / 2), c)."""
+  n, h, w, c = x.shape
+  rows, cols = (h + 1) // 2, (w + 1) // 2
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return [jax.lax.slice(x, (0, i, j, 0), (n, i + 2 * rows - 1, j + 2 * cols - 1, c), (1, 2, 2, 1))
+          for i in range(3) for j in range(3)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _root_pool_for_cpu(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  del size
+  return functools.reduce(jnp.maximum, _root_pool_taps(x))
+
+
+def _root_pool_fwd(x, size):
+  del size
+  taps = _root_pool_taps(x)
+  out = functools.reduce(jnp.maximum, taps)
+  first = jnp.full(out.shape, len(taps), jnp.int8)  # Index of the first tap equal to the max.
+  for k in reversed(range(len(taps))):
+    first = jnp.where(taps[k] == out, jnp.int8(k), first)
+  return out, first
+
+
+def _next_along(a: jax.Array, axis: int) -> jax.Array:
+  """a[t + 1] along `axis`, zero past the end."""
+  shifted = jax.lax.slice_in_dim(a, 1, a.shape[axis], axis=axis)
+  padding = [(0, 0, 0)] * a.ndim
+  padding[axis] = (0, 1, 0)
+  return jax.lax.pad(shifted, jnp.zeros((), a.dtype), padding)
+
+
+def _root_pool_bwd(size, first, g):
+  n, rows, cols, c = g.shape
+  m = [jnp.where(first == k, g, jnp.zeros((), g.dtype)) for k in range(9)]  # m[3 * i + j]
+  # Input row 2t is padded row 2t + 1: tap row i = 1 of output row t. Input row 2t + 1 is
+  # padded row 2t + 2: tap row 2 of output row t, then tap row 0 of output row t + 1. The
+  # same for columns; terms added in the row-major order of their windows, as the scatter.
+  even_even = m[4]
+  even_odd = m[5] + _next_along(m[3], 2)
+  odd_even = m[7] + _next_along(m[1], 1)
+  odd_odd = (m[8] + _next_along(m[6], 2) + _next_along(m[2], 1)
+             + _next_along(_next_along(m[0], 1), 2))
+  even = jnp.stack([even_even, even_odd], axis=3).reshape(n, rows, 2 * cols, c)
+  odd = jnp.stack([odd_even, odd_odd], axis=3).reshape(n, rows, 2 * cols, c)
+  dx = jnp.stack([even, odd], axis=2).reshape(n, 2 * rows, 2 * cols, c)
+  return (dx[:, :size[0], :size[1]],)
+
+
+_root_pool_for_cpu.defvjp(_root_pool_fwd, _root_pool_bwd)
+
+
+def root_pool_for_cpu(x: jax.Array) -> jax.Array:
+  """The root's zero pad 1 and 3x3/2 VALID max pool of NHWC `x`, with the same output and
+  gradient as `nn.max_pool` of the padded `x` under `jax.vjp`, bit for bit.
+
+  XLA:CPU differentiates reduce_window's max as a select-and-scatter, which it expands into
+  iotas, a variadic reduce-window and a scatter over the padded input (10% of an R50x1 step's
+  thunk time at 128 px, 2.5% in this form; the pool alone 4x less CPU time, docs/performance.md).
+  Here the forward is the maximum of the 9 strided taps and the backward is elementwise: each
+  output's gradient goes to the first tap of its window that equals the maximum, in row-major
+  order (the tie rule of JAX's gradient, `>=` in select-and-scatter: tested on ties and on
+  windows where a padding zero wins), placed by the parity of the input's rows and columns
+  (each parity receives from known taps) and interleaved, instead of scattered. Gradients that land on the padding are dropped. (A
+  window holding a NaN sends its gradient nowhere, JAX's to the NaN; its output is NaN
+  either way, and so is the loss, whose step the trainer's guard discards.)
+  """
+  return _root_pool_for_cpu(x, x.shape[1:3])
+
+
 class Root(nn.Module):
   """pad 3 -> 7x7/2 conv -> zero pad 1 -> 3x3/2 VALID max-pool; no norm, no ReLU.
 
   The pool pads with zeros, not -inf: the conv output can be negative and the released
-  weights were trained this way.
+  weights were trained this way. `for_cpu`: the pad and pool as `root_pool_for_cpu` (the same
+  output and gradient, without XLA:CPU's scatter).
   """
   features: int
   dtype: Any = jnp.float32
@@ -391,6 +465,8 @@ class Root(nn.Module):
   def __call__(self, x):
     x = StdConv(self.features, 7, 2, padding=3, dtype=self.dtype, for_cpu=self.for_cpu,
                 name="standardized_conv2d")(x)
+    if self.for_cpu:
+      return root_pool_for_cpu(x)
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 

@@ -14,6 +14,7 @@ WS_VJP = "tests/test_models.py::test_standardize_for_cpu_gradient_is_autodiff_of
 CPU_FORM = "tests/test_models.py::test_for_cpu_form_is_the_same_function"
 CONV_VJP = ("tests/test_models.py::"
             "test_strided_conv3x3_gradient_by_phases_is_autodiff_of_the_plain_conv")
+CPU_POOL = "tests/test_models.py::test_root_pool_for_cpu_is_the_padded_max_pool_bit_for_bit"
 BF16_PARITY = "tests/test_checkpoints.py::test_bfloat16_compute_stays_close_to_float32"
 
 UNIT_GN = "GroupNorm(dtype=self.dtype, relu=True, for_cpu=self.for_cpu, name=\"group_norm\")"
@@ -82,6 +83,18 @@ MUTATIONS = [
              "return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))",
              ("tests/test_models.py::test_root_pool_pads_with_zeros_not_minus_infinity", TIMM),
              "root max-pool padded with -inf instead of zeros"),
+    Mutation("root_pool_cpu_pads_minus_inf", BIT,
+             "x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))\n  return [jax.lax.slice(",
+             "x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)\n"
+             "  return [jax.lax.slice(", (CPU_POOL, CPU_FORM, TIMM),
+             "CPU form's root max-pool padded with -inf instead of zeros"),
+    Mutation("root_pool_cpu_last_maximum", BIT, "for k in reversed(range(len(taps))):",
+             "for k in range(len(taps)):", (CPU_POOL, CPU_FORM),
+             "CPU form's root pool gradient to the last maximum of a window, not the first"),
+    Mutation("root_pool_cpu_columns_swapped", BIT,
+             "even_odd = m[5] + _next_along(m[3], 2)", "even_odd = m[3] + _next_along(m[5], 2)",
+             (CPU_POOL, CPU_FORM),
+             "CPU form's root pool gradient from the wrong column taps to odd columns"),
     Mutation("root_conv_padding", BIT, "StdConv(self.features, 7, 2, padding=3,",
              "StdConv(self.features, 7, 2, padding=2,", (TIMM,),
              "root conv padding 2 (SAME-like) instead of symmetric 3"),
