@@ -443,9 +443,10 @@ def root_pool_for_cpu(x: jax.Array) -> jax.Array:
   output's gradient goes to the first tap of its window that equals the maximum, in row-major
   order (the tie rule of JAX's gradient, `>=` in select-and-scatter: tested on ties and on
   windows where a padding zero wins), placed by the parity of the input's rows and columns
-  (each parity receives from known taps) and interleaved, instead of scattered. Gradients that land on the padding are dropped. (A
-  window holding a NaN sends its gradient nowhere, JAX's to the NaN; its output is NaN
-  either way, and so is the loss, whose step the trainer's guard discards.)
+  (each parity receives from known taps) and interleaved, instead of scattered. Gradients
+  that land on the padding are dropped. (A window holding a NaN sends its gradient nowhere,
+  JAX's to the NaN; its output is NaN either way, and so is the loss, whose step the
+  trainer's guard discards.)
   """
   return _root_pool_for_cpu(x, x.shape[1:3])
 
