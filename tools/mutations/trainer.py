@@ -76,4 +76,9 @@ MUTATIONS = [
              "\"count\": jnp.sum(jnp.ones_like(mask))}",
              (f"{ENGINE}::test_evaluation_counts_every_cifar10_test_image",),
              "padding rows counted as evaluated images"),
+    Mutation("every_process_prints", "big_transfer/metrics.py",
+             "def log(message: str) -> None:\n  if jax.process_index() == 0:",
+             "def log(message: str) -> None:\n  if True:",
+             ("tests/test_upstream.py::test_two_processes_match_one",),
+             "every process prints the progress lines, not only process 0"),
 ]
