@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ import time
 
 from absl import app, flags, logging
 
-from big_transfer import errors
+from big_transfer import errors, hostmem
 
 MODEL = flags.DEFINE_string("model", "R50x1", "Model name (R50x1, R101x3, BiT-M-R50x1, ...).")
 # allow_override: predict.py defines --resolution, --batch_size and --json too, and the tests
@@ -58,6 +59,10 @@ TIMM_CHANNELS_LAST = flags.DEFINE_bool(
 TIMM_COMPILE = flags.DEFINE_bool(
     "timm_compile", False, "Wrap timm's model in torch.compile (compiled during the warm-up "
     "steps; give --warmup >= 2).")
+TIMM_SAME_MALLOC = flags.DEFINE_bool(
+    "timm_same_malloc", False, "Give the timm worker the glibc malloc tunables this command "
+    "sets for itself on CPU (big_transfer/hostmem.py); by default the worker runs with the "
+    "environment the command was started with, as timm runs on its own.")
 CORES = flags.DEFINE_integer(
     "cores", None, "Pin this process and the timm worker to the first N CPU cores (both "
     "frameworks then size their thread pools to N); default: all cores.")
@@ -76,6 +81,7 @@ class Result:
   img_per_sec: float
   step_times: list
   cpu_s: float  # Median CPU seconds of the process per step (all its threads).
+  page_faults: float  # Median minor page faults of the process per step.
   compile_s: float | None = None
   flops_per_step: float | None = None  # Analytic model FLOPs (MFU's numerator).
   compiler_flops_per_step: float | None = None
@@ -174,17 +180,19 @@ class OurStep:
                            - memory.alias_size_in_bytes + memory.temp_size_in_bytes
                            + memory.generated_code_size_in_bytes)
 
-  def steps(self, n: int) -> tuple[list[float], list[float]]:
-    """Wall and CPU seconds of each of `n` steps."""
+  def steps(self, n: int) -> tuple[list[float], list[float], list[int]]:
+    """Wall and CPU seconds and minor page faults of each of `n` steps."""
     import jax  # pylint: disable=g-import-not-at-top
-    times, cpu_times = [], []
+    times, cpu_times, faults = [], [], []
     for _ in range(n):
+      start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       start, cpu = time.perf_counter(), time.process_time()
       self.state, step_metrics = self.compiled(self.state, self.batch)
       jax.block_until_ready((self.state, step_metrics))
       times.append(time.perf_counter() - start)
       cpu_times.append(time.process_time() - cpu)
-    return times, cpu_times
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
+    return times, cpu_times, faults
 
   def peak_bytes(self) -> tuple[int, str]:
     import jax  # pylint: disable=g-import-not-at-top
@@ -198,12 +206,13 @@ class TimmStep:
   """timm's same step in a worker process (big_transfer/benchmarks/timm_step.py)."""
 
   def __init__(self, python: str, config, batch_path: str, num_classes: int,
-               channels_last: bool, compile_model: bool = False):
+               channels_last: bool, compile_model: bool = False, environ=None):
     from big_transfer import models  # pylint: disable=g-import-not-at-top
     from big_transfer.benchmarks import timm_step  # pylint: disable=g-import-not-at-top
     try:
       self.process = subprocess.Popen([python, timm_step.__file__], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=environ)
     except OSError as e:
       raise errors.UserError(f"--timm_python {python!r} cannot be run ({e.strerror}); pass an "
                              "interpreter with torch and timm installed.") from e
@@ -232,9 +241,9 @@ class TimmStep:
       raise errors.UserError(f"The timm worker ({self.process.args[0]}) failed: {error}{hint}.")
     return json.loads(line)
 
-  def steps(self, n: int) -> tuple[list[float], list[float]]:
+  def steps(self, n: int) -> tuple[list[float], list[float], list[int]]:
     reply = self._call(op="steps", n=n)
-    return reply["times"], reply["cpu_times"]
+    return reply["times"], reply["cpu_times"], reply["page_faults"]
 
   def matmul_peak(self) -> float:
     return self._call(op="matmul_peak")["flops_per_sec"]
@@ -259,11 +268,11 @@ def _median(values: list[float]) -> float:
   return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def _result(framework: str, device: str, times: tuple[list[float], list[float]],
-            batch_size: int, **fields) -> Result:
+def _result(framework: str, device: str, times: tuple[list[float], ...], batch_size: int,
+            **fields) -> Result:
   step = _median(times[0])
   result = Result(framework, device, step, batch_size / step, times[0], _median(times[1]),
-                  **fields)
+                  _median(times[2]), **fields)
   if result.flops_per_step and result.matmul_peak_flops:
     result.mfu = result.flops_per_step / step / result.matmul_peak_flops
   return result
@@ -273,7 +282,7 @@ def run(model: str, resolution: int, batch_size: int, dtype: str = "float32",
         state_sharding: str = "replicated", batch_split: int = 1, num_classes: int = 1000,
         steps: int = 10, warmup: int = 2, block: int = 2, timm_python: str | None = None,
         timm_channels_last: bool = True, timm_compile: bool = False,
-        log=print) -> list[Result]:
+        timm_same_malloc: bool = False, log=print) -> list[Result]:
   """Measures our step (and timm's when `timm_python` is given); returns [ours, (timm)]."""
   # pylint: disable=g-import-not-at-top
   import jax
@@ -288,6 +297,12 @@ def run(model: str, resolution: int, batch_size: int, dtype: str = "float32",
   log(f"Benchmark: {config.model.name} at {resolution}x{resolution} px, {num_classes} classes, "
       f"batch {batch_size} over {device}, model.dtype={dtype}, state_sharding="
       f"{state_sharding}, batch_split={batch_split}; jax {jax.__version__}")
+  timm_environ = None  # Ours.
+  if hostmem.tuned():
+    log(f"glibc malloc: GLIBC_TUNABLES={hostmem.TUNABLES} (big_transfer/hostmem.py); timm's "
+        f"worker: {'the same' if timm_same_malloc else 'glibc defaults'}")
+    if not timm_same_malloc:
+      timm_environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   timm = None
   with tempfile.TemporaryDirectory() as tmp:
     try:
@@ -295,7 +310,7 @@ def run(model: str, resolution: int, batch_size: int, dtype: str = "float32",
         path = os.path.join(tmp, "batch.npz")
         np.savez(path, **batch)
         timm = TimmStep(timm_python, config, path, num_classes, timm_channels_last,
-                        timm_compile)
+                        timm_compile, timm_environ)
         log(f"timm: {timm.info['model']} ({timm.info['params']:,} parameters) on "
             f"{timm.info['device']}, torch {timm.info['torch']}, timm {timm.info['timm']}, "
             f"{timm.info['threads']} threads, channels_last={timm.info['channels_last']}, "
@@ -310,7 +325,7 @@ def run(model: str, resolution: int, batch_size: int, dtype: str = "float32",
       if timm:
         timm.steps(warmup)
       # Alternating turns: a change in the machine's load hits both frameworks alike.
-      ours_times, timm_times = ([], []), ([], [])
+      ours_times, timm_times = ([], [], []), ([], [], [])
       while len(ours_times[0]) < steps:
         n = min(block if timm else steps, steps - len(ours_times[0]))
         for times, framework in ((ours_times, ours), (timm_times, timm)):
@@ -345,7 +360,8 @@ def report(results: list[Result], steps: int, warmup: int) -> str:
     times = sorted(r.step_times)
     lines.append(f"{r.framework}: {r.img_per_sec:.2f} img/s, step {r.step_s:.3f} s (median of "
                  f"{len(times)} after {warmup} warm-up; min {times[0]:.3f}, max "
-                 f"{times[-1]:.3f}); {r.cpu_s:.3f} CPU s per step")
+                 f"{times[-1]:.3f}); {r.cpu_s:.3f} CPU s and {r.page_faults:,.0f} page faults "
+                 "per step")
     if r.compile_s is not None:
       lines.append(f"  compile {r.compile_s:.1f} s")
     if r.flops_per_step:
@@ -392,7 +408,7 @@ def main(argv):
     results = run(MODEL.value, RESOLUTION.value, BATCH_SIZE.value, DTYPE.value,
                   STATE_SHARDING.value, BATCH_SPLIT.value, NUM_CLASSES.value, STEPS.value,
                   WARMUP.value, BLOCK.value, TIMM_PYTHON.value if VS_TIMM.value else None,
-                  TIMM_CHANNELS_LAST.value, TIMM_COMPILE.value,
+                  TIMM_CHANNELS_LAST.value, TIMM_COMPILE.value, TIMM_SAME_MALLOC.value,
                   log=lambda line: print(line, flush=True))
   except errors.UserError as e:
     sys.exit(f"error: {e}")
@@ -402,4 +418,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.reexec_for_cpu()
   app.run(main)

@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from big_transfer import cli, errors
+from big_transfer import cli, errors, hostmem
 
 flags.adopt_module_key_flags(cli)  # --help lists --config (defined in cli.py).
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -84,4 +84,5 @@ class _OneLineLibraryErrors(std_logging.Filter):
 
 
 if __name__ == "__main__":
+  hostmem.reexec_for_cpu()
   app.run(main, flags_parser=cli.parse_flags)

@@ -9,7 +9,7 @@ One JSON object per line each way. `{"op": "init", ...}` builds timm's ResNet-v2
 SGD with momentum and coupled weight decay (torch's `weight_decay` is grad += wd * param, as
 ours), softmax cross-entropy, and loads the benchmark's batch from an .npz (NHWC images,
 one-hot labels) so both frameworks see the same inputs. `{"op": "steps", "n": k}` runs k
-training steps and replies with each one's wall and CPU seconds; `{"op": "matmul_peak"}`
+training steps and replies with each one's wall and CPU seconds and page faults; `{"op": "matmul_peak"}`
 measures torch's matmul FLOP/s in the compute dtype; `{"op": "exit"}` ends. bfloat16 runs
 under `torch.autocast` (float32 parameters, as ours with model.dtype=bfloat16); `compile`
 wraps the model in `torch.compile` (forward and backward; the optimizer stays eager). This file
@@ -72,9 +72,10 @@ class _Step:
     if self.device.type == "cuda":
       self.torch.cuda.synchronize()
 
-  def step(self) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of one training step."""
+  def step(self) -> tuple[float, float, int]:
+    """(wall seconds, this process's CPU seconds, its minor page faults) of one training step."""
     torch = self.torch
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, cpu = time.perf_counter(), time.process_time()
     self.optimizer.zero_grad(set_to_none=True)
     if self.autocast is not None:
@@ -85,7 +86,8 @@ class _Step:
     loss.backward()
     self.optimizer.step()
     self._sync()
-    return time.perf_counter() - start, time.process_time() - cpu
+    return (time.perf_counter() - start, time.process_time() - cpu,
+            resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
   def peak_bytes(self) -> int:
     if self.device.type == "cuda":
@@ -135,8 +137,8 @@ def main():
                  "channels_last": step.memory_format == torch.channels_last,
                  "compiled": step.compiled}
       elif op == "steps":
-        times, cpu_times = zip(*[step.step() for _ in range(command["n"])])
-        reply = {"times": times, "cpu_times": cpu_times}
+        times, cpu_times, faults = zip(*[step.step() for _ in range(command["n"])])
+        reply = {"times": times, "cpu_times": cpu_times, "page_faults": faults}
       elif op == "peak_bytes":
         reply = {"peak_bytes": step.peak_bytes()}
       elif op == "matmul_peak":
