@@ -124,9 +124,13 @@ def train_env(devices: int) -> dict[str, str]:
 
   TF_ENABLE_ONEDNN_OPTS=1 makes TensorFlow print its oneDNN import notice on every x86 CPU
   (by default only some CPUs do), so the output checks below see it whatever the machine.
+  An empty GLIBC_TUNABLES keeps the trainer from re-executing itself with the CPU malloc
+  tunables (big_transfer/hostmem.py): they pay off over many big steps, while these runs are a
+  few tiny steps whose start-up they slow (2-3 s more system time each, for huge pages);
+  test_hostmem.py and test_benchmark.py check them.
   """
   return {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu",
-          "TF_ENABLE_ONEDNN_OPTS": "1"}
+          "TF_ENABLE_ONEDNN_OPTS": "1", "GLIBC_TUNABLES": ""}
 
 
 def error_line(proc) -> str:
