@@ -18,6 +18,11 @@ batch, in a worker process run by --timm_python (an interpreter with torch and t
 not a dependency of this project), alternating blocks of --block steps between the two so
 that both see the same machine load, and prints the ratio ours / timm. --json ends the output
 with one JSON object. Bad input ends with one `error: ...` line.
+
+On CPU the command re-executes itself with glibc malloc tunables that keep each step's buffers
+mapped (big_transfer/hostmem.py, as `train` does) and reports page faults per step for both
+frameworks; timm's worker runs with the environment the command started with unless
+--timm_same_malloc.
 """
 
 import dataclasses
@@ -297,7 +302,7 @@ def run(model: str, resolution: int, batch_size: int, dtype: str = "float32",
   log(f"Benchmark: {config.model.name} at {resolution}x{resolution} px, {num_classes} classes, "
       f"batch {batch_size} over {device}, model.dtype={dtype}, state_sharding="
       f"{state_sharding}, batch_split={batch_split}; jax {jax.__version__}")
-  timm_environ = None  # Ours.
+  timm_environ = None  # The worker inherits this process's environment.
   if hostmem.tuned():
     log(f"glibc malloc: GLIBC_TUNABLES={hostmem.TUNABLES} (big_transfer/hostmem.py); timm's "
         f"worker: {'the same' if timm_same_malloc else 'glibc defaults'}")
