@@ -40,10 +40,14 @@ def runs_on_cpu(environ) -> bool:
   return not any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICES)
 
 
+def on_glibc() -> bool:
+  """Whether this process runs on Linux with glibc, the C library these tunables are for."""
+  return sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+
+
 def cpu_environment(environ) -> dict[str, str] | None:
   """The environment to re-execute with, or None where nothing should change."""
-  if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc"
-      or "GLIBC_TUNABLES" in environ or not runs_on_cpu(environ)):
+  if not on_glibc() or "GLIBC_TUNABLES" in environ or not runs_on_cpu(environ):
     return None
   return {**environ, "GLIBC_TUNABLES": TUNABLES}
 

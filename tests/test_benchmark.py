@@ -7,7 +7,6 @@ interpreter with torch and timm is named by BIT_TIMM_PYTHON (none in CI).
 import importlib.util
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -54,7 +53,7 @@ def test_json_figures_are_consistent():
   # On CPU the command re-executes itself with glibc malloc tunables that keep the step's
   # buffers mapped (big_transfer/hostmem.py): this step faults ~20,000 pages per step without
   # them (GLIBC_TUNABLES= by hand), none with them.
-  if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+  if hostmem.on_glibc():
     assert f"GLIBC_TUNABLES={hostmem.TUNABLES}" in proc.stdout
     assert result["page_faults"] < 1000, result["page_faults"]
 

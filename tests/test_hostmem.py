@@ -5,7 +5,6 @@ test_benchmark.py::test_json_figures_are_consistent.
 """
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -83,8 +82,7 @@ print(*faults)
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
-                    reason="glibc tunables")
+@pytest.mark.skipif(not hostmem.on_glibc(), reason="glibc tunables")
 def test_the_tunables_keep_a_threads_freed_buffer_mapped():
   def faults(tunables: str) -> list[int]:
     env = {**os.environ, "GLIBC_TUNABLES": tunables}

@@ -9,11 +9,11 @@ One JSON object per line each way. `{"op": "init", ...}` builds timm's ResNet-v2
 SGD with momentum and coupled weight decay (torch's `weight_decay` is grad += wd * param, as
 ours), softmax cross-entropy, and loads the benchmark's batch from an .npz (NHWC images,
 one-hot labels) so both frameworks see the same inputs. `{"op": "steps", "n": k}` runs k
-training steps and replies with each one's wall and CPU seconds and page faults; `{"op": "matmul_peak"}`
-measures torch's matmul FLOP/s in the compute dtype; `{"op": "exit"}` ends. bfloat16 runs
-under `torch.autocast` (float32 parameters, as ours with model.dtype=bfloat16); `compile`
-wraps the model in `torch.compile` (forward and backward; the optimizer stays eager). This file
-imports only torch, timm and numpy.
+training steps and replies with each one's wall and CPU seconds and minor page faults;
+`{"op": "matmul_peak"}` measures torch's matmul FLOP/s in the compute dtype; `{"op": "exit"}`
+ends. bfloat16 runs under `torch.autocast` (float32 parameters, as ours with
+model.dtype=bfloat16); `compile` wraps the model in `torch.compile` (forward and backward; the
+optimizer stays eager). This file imports only torch, timm and numpy.
 """
 
 import json
