@@ -2,6 +2,7 @@
 bit_jax/models.py; timm resnetv2.py)."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -268,3 +269,36 @@ def test_strided_conv3x3_gradient_by_phases_is_autodiff_of_the_plain_conv(dtype)
       dx32 = np.asarray(vjp32(cotangent.astype(jnp.float32))[0])
       error = np.abs(np.asarray(cpu_dx, np.float32) - dx32)
       assert np.all(error <= 2.0 ** -8 * np.abs(dx32) + 1e-6), error.max()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("channels", [(48, 16), (16, 48), (32, 32)])
+def test_rows_matmul_for_cpu_is_autodiff_with_the_narrower_operand_left(channels, dtype):
+  """The CPU form's 1x1 matmul gives autodiff's output and gradients, and XLA:CPU computes
+  its kernel gradient with the operand of fewer channels on the left of the dot (its output
+  (min(C, K), max(C, K)) in memory), where plain autodiff always puts x there."""
+  c, k = channels
+  rng = np.random.default_rng(c + 2 * k)
+  x, kernel, cotangent = (jnp.asarray(rng.standard_normal(shape), dtype)
+                          for shape in [(256, c), (c, k), (256, k)])
+
+  def kernel_gradient_dot_shapes(matmul):
+    def grads(x, kernel):
+      return jax.vjp(lambda x, w: matmul(x, w).astype(dtype), x, kernel)[1](cotangent)
+    compiled = jax.jit(grads).lower(x, kernel).compile(
+        compiler_options=sharding._CPU_COMPILER_OPTIONS)
+    shapes = [(int(a), int(b)) if layout == "1,0" else (int(b), int(a)) for a, b, layout in
+              re.findall(r"f32\[(\d+),(\d+)\]\{(\d,\d)\S* dot\(", compiled.as_text())]
+    return grads(x, kernel), [s for s in shapes if s != (256, c)]  # In memory, major first.
+
+  plain = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+  (dx, dkernel), plain_shapes = kernel_gradient_dot_shapes(plain)
+  (cpu_dx, cpu_dkernel), cpu_shapes = kernel_gradient_dot_shapes(bit.rows_matmul_for_cpu)
+  np.testing.assert_array_equal(bit.rows_matmul_for_cpu(x, kernel), plain(x, kernel))
+  assert cpu_dx.dtype == cpu_dkernel.dtype == dtype
+  np.testing.assert_array_equal(cpu_dx, dx)
+  tol = 1e-2 if dtype == jnp.bfloat16 else 1e-6  # Relative to the largest value.
+  np.testing.assert_allclose(np.asarray(cpu_dkernel, np.float32), np.asarray(dkernel, np.float32),
+                             rtol=tol, atol=tol * np.abs(np.asarray(dkernel, np.float32)).max())
+  assert plain_shapes == [(c, k)]
+  assert cpu_shapes == [(min(c, k), max(c, k))]

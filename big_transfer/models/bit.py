@@ -97,12 +97,42 @@ def conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int,
   """
   if for_cpu and kernel.shape[:2] == (1, 1) and not padding:
     x = x[:, ::strides, ::strides]
-    out = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel[0, 0],
-                     preferred_element_type=jnp.float32)
+    out = rows_matmul_for_cpu(x.reshape(-1, x.shape[-1]), kernel[0, 0])
     return out.astype(x.dtype).reshape(x.shape[:-1] + kernel.shape[-1:])
   if for_cpu and kernel.shape[:2] == (3, 3) and (strides, padding) == (2, 1):
     return conv3x3_stride2_for_cpu(x, kernel)
   return _plain_conv(x, kernel, strides, padding)
+
+
+@jax.custom_vjp
+def rows_matmul_for_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """(M, C) rows times a (C, K) kernel, accumulated in float32; the gradients autodiff's,
+  with the kernel gradient's operands kept in the faster order.
+
+  That gradient contracts the M rows of x and of the output gradient g. XLA folds autodiff's
+  transpose of g^T x into x^T g, always x on the left; XLA:CPU's dot (YNNPACK) transposes its
+  left operand, so it runs faster with the narrower of the two there (R50x1's shapes with
+  C > K: 1.4-1.5x, docs/performance.md). Where C > K an optimization barrier keeps g^T x.
+  """
+  return jnp.matmul(x, kernel, preferred_element_type=jnp.float32)
+
+
+def _rows_matmul_fwd(x, kernel):
+  return rows_matmul_for_cpu(x, kernel), (x, kernel)
+
+
+def _rows_matmul_bwd(residuals, g):
+  x, kernel = residuals
+  rows = (((0,), (0,)), ((), ()))
+  dx = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+  dkernel_t = jax.lax.dot_general(g, x, rows, preferred_element_type=jnp.float32)
+  if x.shape[1] > kernel.shape[1]:
+    dkernel_t = jax.lax.optimization_barrier(dkernel_t)
+  return dx.astype(x.dtype), dkernel_t.T.astype(kernel.dtype)
+
+
+rows_matmul_for_cpu.defvjp(_rows_matmul_fwd, _rows_matmul_bwd)
 
 
 @jax.custom_vjp

@@ -14,6 +14,8 @@ WS_VJP = "tests/test_models.py::test_standardize_for_cpu_gradient_is_autodiff_of
 CPU_FORM = "tests/test_models.py::test_for_cpu_form_is_the_same_function"
 CONV_VJP = ("tests/test_models.py::"
             "test_strided_conv3x3_gradient_by_phases_is_autodiff_of_the_plain_conv")
+ROWS_MATMUL = ("tests/test_models.py::"
+               "test_rows_matmul_for_cpu_is_autodiff_with_the_narrower_operand_left")
 CPU_POOL = "tests/test_models.py::test_root_pool_for_cpu_is_the_padded_max_pool_bit_for_bit"
 BF16_PARITY = "tests/test_checkpoints.py::test_bfloat16_compute_stays_close_to_float32"
 
@@ -95,6 +97,16 @@ MUTATIONS = [
              "even_odd = m[5] + _next_along(m[3], 2)", "even_odd = m[3] + _next_along(m[5], 2)",
              (CPU_POOL, CPU_FORM),
              "CPU form's root pool gradient from the wrong column taps to odd columns"),
+    Mutation("rows_matmul_without_barrier", BIT,
+             "dkernel_t = jax.lax.optimization_barrier(dkernel_t)", "pass", (ROWS_MATMUL,),
+             "no barrier: XLA folds the transpose and puts x on the left again"),
+    Mutation("rows_matmul_barrier_when_narrower", BIT,
+             "if x.shape[1] > kernel.shape[1]:", "if x.shape[1] < kernel.shape[1]:",
+             (ROWS_MATMUL,), "the barrier where C < K: the wider operand on the left"),
+    Mutation("rows_matmul_dx_unrounded", BIT,
+             "return dx.astype(x.dtype), dkernel_t.T.astype(kernel.dtype)",
+             "return dx, dkernel_t.T.astype(kernel.dtype)", (ROWS_MATMUL, CPU_FORM),
+             "the input gradient left in float32 in a bfloat16 model"),
     Mutation("root_conv_padding", BIT, "StdConv(self.features, 7, 2, padding=3,",
              "StdConv(self.features, 7, 2, padding=2,", (TIMM,),
              "root conv padding 2 (SAME-like) instead of symmetric 3"),
