@@ -287,9 +287,10 @@ def test_rows_matmul_for_cpu_is_autodiff_with_the_narrower_operand_left(channels
       return jax.vjp(lambda x, w: matmul(x, w).astype(dtype), x, kernel)[1](cotangent)
     compiled = jax.jit(grads).lower(x, kernel).compile(
         compiler_options=sharding._CPU_COMPILER_OPTIONS)
+    # Each dot's output shape as laid out in memory (major dimension first).
     shapes = [(int(a), int(b)) if layout == "1,0" else (int(b), int(a)) for a, b, layout in
               re.findall(r"f32\[(\d+),(\d+)\]\{(\d,\d)\S* dot\(", compiled.as_text())]
-    return grads(x, kernel), [s for s in shapes if s != (256, c)]  # In memory, major first.
+    return grads(x, kernel), [s for s in shapes if s != (256, c)]  # Not dx's dot.
 
   plain = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
   (dx, dkernel), plain_shapes = kernel_gradient_dot_shapes(plain)

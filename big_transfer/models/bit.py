@@ -7,10 +7,10 @@ official `.npz` key scheme (`root_block/standardized_conv2d/kernel`,
 rename of the `resnet/` prefix plus the head kernel's (1, 1, C, N) <-> (C, N) reshape.
 
 `for_cpu=True` computes the same function in the form XLA:CPU runs fastest (1x1 convolutions
-as matmuls, GroupNorm statistics per channel first, closed-form gradients of GroupNorm + ReLU
-and of weight standardization, the input gradient of stride-2 3x3 convolutions by phases,
-the root's max pool with an elementwise gradient;
-docs/performance.md has the measurements).
+as matmuls with their kernel gradients' narrower operand on the left, GroupNorm statistics per
+channel first, closed-form gradients of GroupNorm + ReLU and of weight standardization, the
+input gradient of stride-2 3x3 convolutions by phases, the root's max pool with an elementwise
+gradient; docs/performance.md has the measurements).
 The trainer sets it when its devices are CPUs, so TPU and GPU programs are not affected.
 """
 
@@ -112,7 +112,7 @@ def rows_matmul_for_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
   That gradient contracts the M rows of x and of the output gradient g. XLA folds autodiff's
   transpose of g^T x into x^T g, always x on the left; XLA:CPU's dot (YNNPACK) transposes its
   left operand, so it runs faster with the narrower of the two there (R50x1's shapes with
-  C > K: 1.4-1.5x, docs/performance.md). Where C > K an optimization barrier keeps g^T x.
+  C > K: 1.3-1.5x, docs/performance.md). Where C > K an optimization barrier keeps g^T x.
   """
   return jnp.matmul(x, kernel, preferred_element_type=jnp.float32)
 
