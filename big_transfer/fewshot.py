@@ -13,12 +13,20 @@ import json
 import os
 import sys
 
-import jax
-import numpy as np
 from absl import app, flags, logging
 
-from big_transfer import checkpoints, errors, fewshot_eval, metrics, models, sharding, workdirs
-from big_transfer.data import datasets, preprocess
+from big_transfer import hostmem
+
+if __name__ == "__main__":  # Before JAX and TensorFlow load, so they load once.
+  hostmem.reexec_for_cpu()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from big_transfer import (  # noqa: E402
+    checkpoints, errors, fewshot_eval, metrics, models, sharding, workdirs)
+from big_transfer.data import datasets, preprocess  # noqa: E402
 
 # allow_override: predict.py defines --init and --batch_size too (same defaults), and the tests
 # import both modules into one process.

@@ -11,9 +11,11 @@ where the kernel's THP mode is `madvise` or `always`) also spare TLB misses. The
 benchmark's max RSS 4.97 GB, 3.0 GB without).
 
 glibc reads these tunables only when a process starts, so the CPU entry points (`train`,
-`benchmark`) re-execute themselves once with GLIBC_TUNABLES set. They leave any GLIBC_TUNABLES
-you set alone (set it, even empty, to keep glibc's defaults) and do nothing where JAX will use
-an accelerator: one arena would serialise the input pipeline's many threads on a TPU or GPU host.
+`benchmark`, `predict`, `fewshot`: their forward passes allocate the same way) re-execute
+themselves once with GLIBC_TUNABLES set, before they import JAX or TensorFlow. They leave any
+GLIBC_TUNABLES you set alone (set it, even empty, to keep glibc's defaults) and do nothing where
+JAX will use an accelerator: one arena would serialise the input pipeline's many threads on a
+TPU or GPU host.
 """
 
 import glob
@@ -54,7 +56,8 @@ def cpu_environment(environ) -> dict[str, str] | None:
 
 def reexec_for_cpu() -> None:
   """Replaces this process with itself under the CPU tunables (same command line, same PID,
-  same open files), where `cpu_environment` says so. Call it first in `__main__`."""
+  same open files), where `cpu_environment` says so. Call it in `__main__` before importing
+  JAX or TensorFlow, which would otherwise load twice."""
   environ = cpu_environment(os.environ)
   if environ is not None:
     sys.stdout.flush()

@@ -26,8 +26,10 @@ from typing import Iterator, Sequence
 
 from absl import app, flags, logging
 
-from big_transfer import errors, native_logs
+from big_transfer import errors, hostmem, native_logs
 
+if __name__ == "__main__":  # Before TensorFlow and JAX load, so they load once.
+  hostmem.reexec_for_cpu()
 native_logs.import_tensorflow()  # Keeps TensorFlow's import notices off stderr.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -36,7 +38,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from etils import epath  # noqa: E402
 
-from big_transfer import checkpoints, models, workdirs  # noqa: E402
+from big_transfer import checkpoints, models, sharding, workdirs  # noqa: E402
 from big_transfer.data import preprocess  # noqa: E402
 
 INIT = flags.DEFINE_string("init", None,
@@ -155,9 +157,13 @@ def predict(predictor: Predictor, images: Sequence[str], *, top: int = 5,
   if missing:
     more = f" ({len(missing) - 1} more are missing)" if len(missing) > 1 else ""
     raise errors.UserError(f"Image {missing[0]} does not exist{more}; check the paths.")
-  model = models.get_model(predictor.model_name, len(predictor.class_names))
-  forward = jax.jit(lambda params, x: model.apply({"params": params}, x))
-  params = jax.device_put(predictor.params)
+  # One device, with the model form and compiler options the trainer and evaluators use there.
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = models.get_model(predictor.model_name, len(predictor.class_names),
+                           for_cpu=sharding.runs_on_cpu(mesh))
+  forward = jax.jit(lambda params, x: model.apply({"params": params}, x),
+                    compiler_options=sharding.compiler_options(mesh))
+  params = jax.device_put(predictor.params, sharding.replicated(mesh))
   preprocess.output_image_size(predictor.pp_spec)  # UserError unless one fixed size: batchable.
   pp = preprocess.parse(predictor.pp_spec)
   batch_size = min(batch_size, len(images))

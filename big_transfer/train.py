@@ -13,7 +13,13 @@ import sys
 
 from absl import app, flags, logging
 
-from big_transfer import cli, errors, hostmem
+from big_transfer import hostmem
+
+if __name__ == "__main__":  # Before cli loads JAX (through flax), so it loads once.
+  hostmem.reexec_for_cpu()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from big_transfer import cli, errors  # noqa: E402
 
 flags.adopt_module_key_flags(cli)  # --help lists --config (defined in cli.py).
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -84,5 +90,4 @@ class _OneLineLibraryErrors(std_logging.Filter):
 
 
 if __name__ == "__main__":
-  hostmem.reexec_for_cpu()
   app.run(main, flags_parser=cli.parse_flags)

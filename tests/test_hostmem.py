@@ -94,3 +94,30 @@ def test_the_tunables_keep_a_threads_freed_buffer_mapped():
   assert min(default) > pages // 2, default  # glibc maps and unmaps it each time...
   tuned = faults(hostmem.TUNABLES)
   assert tuned[0] > pages // 2 and max(tuned[1:]) < 100, tuned  # ...the tunables keep it.
+
+
+# Installed as sitecustomize in the entry point's process: at its os.exec* call, records the
+# environment's GLIBC_TUNABLES and which heavy libraries are already imported, then exits
+# instead of executing (the re-executed process is the entry point itself, not under test here).
+_EXEC_PROBE = """
+import os, sys
+def _probe(event, args):
+  if event == "os.exec":
+    loaded = [m for m in ("jax", "tensorflow", "flax") if m in sys.modules]
+    print("exec", dict(args[2]).get("GLIBC_TUNABLES"), *loaded, flush=True)
+    os._exit(0)
+sys.addaudithook(_probe)
+"""
+
+
+@pytest.mark.skipif(not hostmem.on_glibc(), reason="glibc tunables")
+@pytest.mark.parametrize("entry_point", ["train", "benchmark", "predict", "fewshot"])
+def test_entry_points_reexecute_before_loading_jax_or_tensorflow(entry_point, tmp_path):
+  (tmp_path / "sitecustomize.py").write_text(_EXEC_PROBE)
+  env = {name: value for name, value in os.environ.items() if name != "GLIBC_TUNABLES"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
+  proc = subprocess.run([sys.executable, "-m", f"big_transfer.{entry_point}", "--help"],
+                        env=env, capture_output=True, text=True, timeout=120)
+  # One exec, under the tunables, with none of the libraries loaded that would load twice.
+  assert proc.stdout.splitlines() == [f"exec {hostmem.TUNABLES}"], proc.stdout + proc.stderr

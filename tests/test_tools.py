@@ -13,8 +13,8 @@ from absl import flags
 from absl.testing import flagsaver
 from PIL import Image
 
-from big_transfer import (checkpoints, config_common, export, models, plot, predict, trainer,
-                          workdirs)
+from big_transfer import (checkpoints, config_common, export, models, plot, predict, sharding,
+                          trainer, workdirs)
 from big_transfer.data import preprocess
 from big_transfer.errors import UserError
 from configs import demo
@@ -65,8 +65,13 @@ def test_trainer_records_the_class_names(workdir):
 
 
 def _logits_of(model_name, params, batch):
-  model = models.get_model(model_name, params["head"]["conv2d"]["bias"].shape[0])
-  return np.asarray(jax.jit(model.apply)({"params": params}, batch))
+  """The model's logits in the form predict runs on this platform, the trainer's (whether
+  that form is the same function is test_models.py's business)."""
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = models.get_model(model_name, params["head"]["conv2d"]["bias"].shape[0],
+                           for_cpu=sharding.runs_on_cpu(mesh))
+  forward = jax.jit(model.apply, compiler_options=sharding.compiler_options(mesh))
+  return np.asarray(forward({"params": params}, batch))
 
 
 def test_predict_a_workdir_with_its_pp_eval_and_names(workdir, images):

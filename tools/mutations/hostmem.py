@@ -6,6 +6,7 @@ HOSTMEM = "big_transfer/hostmem.py"
 FAULTS = "tests/test_benchmark.py::test_json_figures_are_consistent"
 DECISION = "tests/test_hostmem.py"
 REUSE = "tests/test_hostmem.py::test_the_tunables_keep_a_threads_freed_buffer_mapped"
+ENTRY = "tests/test_hostmem.py::test_entry_points_reexecute_before_loading_jax_or_tensorflow"
 
 MUTATIONS = [
     Mutation("malloc_maps_big_blocks", HOSTMEM, '    "glibc.malloc.mmap_max=0",  #',
@@ -20,6 +21,16 @@ MUTATIONS = [
     Mutation("benchmark_not_reexecuted", "big_transfer/benchmark.py",
              '  hostmem.reexec_for_cpu()\n  app.run(main)', '  app.run(main)', (FAULTS,),
              "the benchmark runs with glibc's default malloc"),
+    Mutation("predict_reexecuted_after_tensorflow", "big_transfer/predict.py",
+             '  hostmem.reexec_for_cpu()\nnative_logs.import_tensorflow()',
+             '  native_logs.import_tensorflow()\n  hostmem.reexec_for_cpu()', (f"{ENTRY}[predict]",),
+             "predict imports TensorFlow twice: once before re-executing, once after"),
+    Mutation("fewshot_not_reexecuted", "big_transfer/fewshot.py",
+             '  hostmem.reexec_for_cpu()\n', '  pass\n', (f"{ENTRY}[fewshot]",),
+             "few-shot features computed with glibc's default malloc"),
+    Mutation("train_not_reexecuted", "big_transfer/train.py",
+             '  hostmem.reexec_for_cpu()\n', '  pass\n', (f"{ENTRY}[train]",),
+             "training on CPU with glibc's default malloc (page faults every step)"),
     Mutation("any_listed_platform_is_cpu", HOSTMEM,
              'return platforms.split(",")[0].strip() == "cpu"',
              'return "cpu" in platforms.split(",")', (DECISION,),
