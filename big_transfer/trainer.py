@@ -216,7 +216,8 @@ def build(config: ml_collections.ConfigDict, mesh, num_classes: int,
   teacher = teacher_fn = None
   if losses.uses_teacher(config.loss):
     teacher = models.get_model(config.distill.model, num_classes,
-                               dtype=jnp.dtype(config.model.dtype))
+                               dtype=jnp.dtype(config.model.dtype),
+                               for_cpu=sharding.runs_on_cpu(mesh))
     teacher_fn = lambda params, images: teacher.apply({"params": params}, images)
 
   def init_state(rng, loaded=None):

@@ -83,8 +83,8 @@ def finetune_config(target: str, init: str, steps: int):
 def probe(workdir: str, target: str) -> float:
   """Ridge-probe accuracy of the workdir's backbone on the target classes."""
   _, params = checkpoints.load_params(workdir, 0)
-  model = models.get_model("R14x1", 0)
   mesh = sharding.make_mesh()
+  model = models.get_model("R14x1", 0, for_cpu=sharding.runs_on_cpu(mesh))
   dataset = datasets.get(f"folder:{target}")
   subset = pipeline.few_shot_subset(dataset, "train", PROBE_SHOTS, 0)
   step = evaluate.make_features_step(lambda p, x: model.apply({"params": p}, x), mesh)

@@ -151,7 +151,7 @@ def run(data_root: str, workdir: str, source_per_class: int = 5000, seeds: int =
   mesh = sharding.make_mesh()
   target_data = datasets.get(f"folder:{target}")
   model_name, upstream_params = checkpoints.load_params(upstream_dir, num_classes=0)
-  model = models.get_model(model_name, 0)
+  model = models.get_model(model_name, 0, for_cpu=sharding.runs_on_cpu(mesh))
   random_params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
   evaluator = fewshot_eval.Evaluator(
       lambda params, images: model.apply({"params": params}, images, pre_logits=True),
