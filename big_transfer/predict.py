@@ -158,7 +158,7 @@ def predict(predictor: Predictor, images: Sequence[str], *, top: int = 5,
     more = f" ({len(missing) - 1} more are missing)" if len(missing) > 1 else ""
     raise errors.UserError(f"Image {missing[0]} does not exist{more}; check the paths.")
   # One device, with the model form and compiler options the trainer and evaluators use there.
-  mesh = sharding.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.local_devices()[:1])
   model = models.get_model(predictor.model_name, len(predictor.class_names),
                            for_cpu=sharding.runs_on_cpu(mesh))
   forward = jax.jit(lambda params, x: model.apply({"params": params}, x),

@@ -67,7 +67,7 @@ def test_trainer_records_the_class_names(workdir):
 def _logits_of(model_name, params, batch):
   """The model's logits in the form predict runs on this platform, the trainer's (whether
   that form is the same function is test_models.py's business)."""
-  mesh = sharding.make_mesh(jax.devices()[:1])
+  mesh = sharding.make_mesh(jax.local_devices()[:1])
   model = models.get_model(model_name, params["head"]["conv2d"]["bias"].shape[0],
                            for_cpu=sharding.runs_on_cpu(mesh))
   forward = jax.jit(model.apply, compiler_options=sharding.compiler_options(mesh))
