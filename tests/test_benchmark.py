@@ -137,6 +137,22 @@ def test_vs_timm_alternates_on_the_same_batch(compile_timm):
   assert result["ratio_vs_timm"] == pytest.approx(
       result["img_per_sec"] / result["timm"]["img_per_sec"])
   assert "Ratio ours / timm" in proc.stdout
+  steps = len(result["step_times"])
+  assert steps == len(result["timm"]["step_times"]) and 0 <= result["faster_steps_vs_timm"] <= steps
+
+
+def test_steps_are_paired_by_turn_against_timm():
+  """The i-th steps of the two frameworks ran in the same turn: ours is counted faster only
+  where its step took strictly less time than timm's of the same index."""
+  def result(framework, times):
+    return benchmark.Result(framework, "cpu", sorted(times)[len(times) // 2], 8 / 2.0,
+                            times, 4.0, 0.0)
+  # Faster in turns 2 and 3, level in turn 5; by rank instead of by turn it would be none.
+  ours = result("ours", [3.0, 1.0, 2.5, 1.5, 2.0])
+  timm = result("timm", [2.0, 1.2, 3.0, 1.0, 2.0])
+  assert benchmark.faster_steps(ours, timm) == 2
+  assert benchmark.summary([ours, timm])["faster_steps_vs_timm"] == 2
+  assert "ours faster in 2 of 5 steps paired by turn" in benchmark.report([ours, timm], 5, 2)
 
 
 def test_train_throughput_leaves_out_evaluation_and_the_compiling_step(monkeypatch):
